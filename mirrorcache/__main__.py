@@ -1,0 +1,3 @@
+from mirrorcache.cli import main
+
+raise SystemExit(main())

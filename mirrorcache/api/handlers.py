@@ -1,0 +1,248 @@
+"""Thin handlers: parse and validate, call a service, write the response."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
+from mirrorcache.api.services import SERVICES
+from mirrorcache.errors import OCIError
+from mirrorcache.oci.reference import Digest, Reference
+from mirrorcache.proxy.blobs import CachedBlob, DownloadFailed, InflightBlob, PassthroughBlob
+from mirrorcache.proxy.routing import Target
+
+log = structlog.get_logger("mirrorcache.api")
+
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = ("GET", "HEAD")
+
+TARGET_KEY = "mc.target"
+CACHE_KEY = "mc.cache"
+KIND_KEY = "mc.kind"
+
+
+async def v2(request: web.Request) -> web.StreamResponse:
+    """Every /v2/ endpoint: one entry so every request is validated the same way."""
+    if request.method not in READ_METHODS:
+        request[KIND_KEY] = "write"
+        raise OCIError("UNSUPPORTED", f"{request.method} is not supported: this mirror is "
+                       "read-only", headers={"Allow": "GET, HEAD"})
+    path = parse_v2_path(request.raw_path.split("?", 1)[0])
+    request[KIND_KEY] = path.kind
+    if path.kind == "base":
+        return web.json_response({}, headers=API_HEADERS)
+    services = request.app[SERVICES]
+    target = services.router.resolve(path.name, request.query.get("ns"))
+    request[TARGET_KEY] = target
+    if path.kind == "manifest":
+        return await _manifest(request, target, path)
+    if path.kind == "blob":
+        return await _blob(request, target, Digest.parse(path.reference))
+    if path.kind == "tags":
+        params = parse_page(request.query.get("n"), request.query.get("last"))
+        return await _relay(request, target, path, "tags/list", params, "NAME_UNKNOWN")
+    Digest.parse(path.reference)
+    params = parse_artifact_type(request.query.get("artifactType"))
+    return await _relay(request, target, path, f"referrers/{path.reference}", params,
+                        "MANIFEST_UNKNOWN")
+
+
+async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    ref = Reference.parse(path.reference)
+    head = request.method == "HEAD"
+    res = await services.manifests.get(target, ref, request.headers.get("Accept"), head=head)
+    request[CACHE_KEY] = res.cache
+    headers = {
+        **API_HEADERS,
+        "Content-Type": res.media_type,
+        "Docker-Content-Digest": str(res.digest),
+        "ETag": f'"{res.digest}"',
+    }
+    if res.warning:
+        headers["Warning"] = res.warning
+    if head or res.body is None:
+        headers["Content-Length"] = str(res.size)
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=res.body, headers=headers)
+
+
+class BlobFileResponse(web.FileResponse):
+    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp).
+
+    ``prepare`` is idempotent so the access-log middleware can send it and count its bytes.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        **API_HEADERS,
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "Cache-Control": "max-age=31536000, immutable",
+    }
+
+
+async def _blob(request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    if request.method == "HEAD":
+        info = await services.blobs.head(target, digest)
+        request[CACHE_KEY] = info.cache
+        headers = _blob_headers(digest)
+        if info.size is not None:
+            headers["Content-Length"] = str(info.size)
+        return web.Response(status=200, headers=headers)
+    source = await services.blobs.open(target, digest, request.headers.get("Range"))
+    request[CACHE_KEY] = source.cache
+    if isinstance(source, CachedBlob) and source.path is not None:
+        return BlobFileResponse(source.path, chunk_size=1 << 20, headers=_blob_headers(digest))
+    if isinstance(source, InflightBlob):
+        return await _stream_inflight(request, source, digest)
+    if isinstance(source, PassthroughBlob):
+        return await _stream_passthrough(request, source)
+    raise OCIError("UNKNOWN", "blob source not servable", status=500)
+
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end-exclusive) of a single-range request, None for the whole body."""
+    if not header:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None  # unsupported forms (multi-range): whole body, as RFC 9110 allows
+    if m.group(1):
+        start = int(m.group(1))
+        end = int(m.group(2)) + 1 if m.group(2) else size
+    else:
+        start, end = max(size - int(m.group(2)), 0), size
+    end = min(end, size)
+    if start >= size or start >= end:
+        raise OCIError("RANGE_INVALID", f"range not satisfiable for {size} bytes",
+                       headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+async def _stream_inflight(request: web.Request, source: InflightBlob, digest: Digest
+                           ) -> web.StreamResponse:
+    dl = source.download
+    size = dl.size
+    assert size is not None
+    rng = _byte_range(request.headers.get("Range"), size)
+    start, end = rng if rng is not None else (0, size)
+    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest))
+    resp.content_length = end - start
+    if rng:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    chunks = dl.read(start, end)
+    first: bytes | None = None
+    async with contextlib.aclosing(chunks):
+        with contextlib.suppress(StopAsyncIteration):
+            if end > start:
+                first = await anext(chunks)  # fail cleanly (OCI JSON) if nothing came at all
+        await resp.prepare(request)
+        try:
+            if first is not None:
+                await resp.write(first)
+            async for chunk in chunks:
+                await resp.write(chunk)
+        except DownloadFailed as exc:
+            _abort(request, exc)
+            return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _stream_passthrough(request: web.Request, source: PassthroughBlob
+                              ) -> web.StreamResponse:
+    resp = web.StreamResponse(status=source.status, headers=_blob_headers(source.digest))
+    if source.size is not None:
+        resp.content_length = source.size
+    if source.content_range:
+        resp.headers["Content-Range"] = source.content_range
+    async with contextlib.aclosing(source.chunks):
+        await resp.prepare(request)
+        try:
+            async for chunk in source.chunks:
+                await resp.write(chunk)
+        except DownloadFailed as exc:
+            _abort(request, exc)
+            return resp
+    await resp.write_eof()
+    return resp
+
+
+def _abort(request: web.Request, exc: OCIError) -> None:
+    """The status line is gone: the only honest signal left is a cut connection."""
+    log.warning("request.aborted", path=request.path, error=exc.code, message=exc.message)
+    request["mc.aborted"] = True
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _rewrite_link(link: str | None, target: Target, path: V2Path) -> str | None:
+    """Point an upstream pagination Link back at the name the client used."""
+    if not link:
+        return None
+    return link.replace(f"/v2/{target.repository}/", f"/v2/{path.name}/")
+
+
+async def _relay(request: web.Request, target: Target, path: V2Path, suffix: str,
+                 params: dict[str, str], default_code: str) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    request[CACHE_KEY] = "bypass"
+    relayed = await services.passthrough.relay(target, suffix, params, default_code)
+    headers = dict(API_HEADERS)
+    link = _rewrite_link(relayed.link, target, path)
+    if link:
+        if "ns" in request.query and "ns=" not in link:
+            link = link.replace(">", ("&" if "?" in link else "?") + f"ns={request.query['ns']}>",
+                                1)
+        headers["Link"] = link
+    resp = web.Response(status=relayed.status, body=relayed.body, headers=headers)
+    resp.headers["Content-Type"] = relayed.content_type
+    if request.method == "HEAD":
+        resp.body = None
+        resp.headers["Content-Length"] = str(len(relayed.body))
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: storage is usable."""
+    ok = await request.app[SERVICES].ready()
+    return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[SERVICES].metrics.registry)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v2", v2)
+    app.router.add_route("*", "/v2/{tail:.*}", v2)

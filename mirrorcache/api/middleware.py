@@ -1,0 +1,71 @@
+"""The access log: one ``request.finished`` event (and metrics) per request, after the body."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from aiohttp import web
+
+from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, TARGET_KEY
+from mirrorcache.api.services import SERVICES
+from mirrorcache.errors import Handler
+
+log = structlog.get_logger("mirrorcache.access")
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Send the response here, so the event carries the bytes really sent."""
+    start = time.monotonic()
+    resp: web.StreamResponse | None = None
+    error: str | None = None
+    try:
+        resp = await handler(request)
+        if not resp.prepared:
+            await resp.prepare(request)
+            await resp.write_eof()
+        return resp
+    except (ConnectionResetError, OSError) as exc:
+        error = type(exc).__name__
+        raise
+    finally:
+        if request.path.startswith("/v2"):
+            _record(request, resp, start, error)
+
+
+def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
+            error: str | None) -> None:
+    target = request.get(TARGET_KEY)
+    status = resp.status if resp is not None else 499
+    sent = _body_bytes(request, resp)
+    cache = request.get(CACHE_KEY, "none")
+    kind = request.get(KIND_KEY, "other")
+    duration = time.monotonic() - start
+    fields = {
+        "method": request.method,
+        "path": request.path[:512],
+        "upstream": target.upstream if target else None,
+        "repository": target.repository if target else None,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(duration * 1000, 2),
+        "cache": cache,
+        "client": request.remote,
+    }
+    if error or request.get("mc.aborted"):
+        fields["error"] = error or "aborted"
+    log.info("request.finished", **fields)
+    metrics = request.app[SERVICES].metrics
+    metrics.requests.labels(request.method, kind, str(status), cache).inc()
+    metrics.request_seconds.labels(kind).observe(duration)
+    metrics.bytes_served.labels(cache).inc(sent)
+
+
+def _body_bytes(request: web.Request, resp: web.StreamResponse | None) -> int:
+    """Body bytes sent: the declared length when the response completed, else what was written."""
+    if resp is None or request.method == "HEAD":
+        return 0
+    if resp.content_length is not None and not request.get("mc.aborted"):
+        return resp.content_length
+    return resp.body_length

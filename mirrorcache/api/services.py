@@ -1,0 +1,29 @@
+"""What the HTTP layer needs from the rest of the app, hung off the app under one key."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from mirrorcache.metrics import Metrics
+from mirrorcache.proxy.blobs import BlobService
+from mirrorcache.proxy.manifests import ManifestService
+from mirrorcache.proxy.passthrough import PassthroughService
+from mirrorcache.proxy.routing import Router
+
+
+@dataclass(frozen=True)
+class Services:
+    """The services behind the routes."""
+
+    router: Router
+    manifests: ManifestService
+    blobs: BlobService
+    passthrough: PassthroughService
+    metrics: Metrics
+    ready: Callable[[], Awaitable[bool]]
+
+
+SERVICES = web.AppKey("services", Services)

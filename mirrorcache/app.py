@@ -1,0 +1,96 @@
+"""The one wiring point: routes, middlewares and every long-lived resource of the app."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from mirrorcache.api.handlers import add_routes
+from mirrorcache.api.middleware import access_log_middleware
+from mirrorcache.api.services import SERVICES, Services
+from mirrorcache.coalesce import Coalescer
+from mirrorcache.config import Config
+from mirrorcache.errors import error_middleware
+from mirrorcache.metrics import Metrics
+from mirrorcache.proxy.blobs import BlobService
+from mirrorcache.proxy.manifests import ManifestService
+from mirrorcache.proxy.passthrough import PassthroughService
+from mirrorcache.proxy.routing import Router
+from mirrorcache.proxy.upstreams import Upstreams
+from mirrorcache.storage.fs import FilesystemBlobStore
+from mirrorcache.storage.metadata import Metadata
+from mirrorcache.upstream.client import UpstreamClient
+
+log = structlog.get_logger("mirrorcache.app")
+
+CONFIG = web.AppKey("config", Config)
+USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
+
+
+def create_app(config: Config, *, clean_temp: bool = True) -> web.Application:
+    """Build the application for ``config``; resources open and close with the app."""
+    app = web.Application(
+        middlewares=[access_log_middleware, error_middleware],
+        client_max_size=1024 * 1024,
+        handler_args={"max_line_size": 8190, "max_field_size": 8190},
+    )
+    app[CONFIG] = config
+    add_routes(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = FilesystemBlobStore(config.storage.filesystem.path)
+        if clean_temp:
+            await store.cleanup_temp()
+        meta = Metadata(config.storage.metadata_path)
+        metrics = Metrics()
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(
+            connector=connector, headers={"User-Agent": USER_AGENT},
+            read_bufsize=1 << 20, trust_env=False,
+        )
+        upstreams = Upstreams({
+            name: UpstreamClient(cfg, session, metrics)
+            for name, cfg in config.upstreams.items()
+        })
+        configs = dict(config.upstreams)
+        coalescer = Coalescer()
+        manifests = ManifestService(upstreams, configs, store, meta, coalescer, metrics)
+        blobs = BlobService(upstreams, configs, store, meta, metrics)
+
+        async def ready() -> bool:
+            try:
+                fd, name = tempfile.mkstemp(dir=config.storage.filesystem.path / "tmp",
+                                            suffix=".probe")
+                os.close(fd)
+                os.unlink(name)
+                return True
+            except OSError:
+                return False
+
+        app[SERVICES] = Services(
+            router=Router(config.upstreams, config.default_upstream),
+            manifests=manifests,
+            blobs=blobs,
+            passthrough=PassthroughService(upstreams, configs),
+            metrics=metrics,
+            ready=ready,
+        )
+        log.info("app.started", upstreams=sorted(config.upstreams),
+                 storage=str(config.storage.filesystem.path))
+        try:
+            yield
+        finally:
+            await blobs.aclose()
+            await manifests.aclose()
+            await coalescer.aclose()
+            await session.close()
+            meta.close()
+            log.info("app.stopped")
+
+    app.cleanup_ctx.append(resources)
+    return app

@@ -1,0 +1,72 @@
+"""Command line: ``mirrorcache serve``, ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from mirrorcache.config import ConfigError, load_config, parse_listen
+from mirrorcache.log import configure_logging
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path: str | None = args.config or os.environ.get("MIRRORCACHE_CONFIG")
+    if not path:
+        raise SystemExit("mirrorcache: no config: pass --config PATH or set MIRRORCACHE_CONFIG")
+    return path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from mirrorcache.app import create_app
+
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.listen:
+        host, port = parse_listen(args.listen)
+        config = replace(config, listen_host=host, listen_port=port)
+    configure_logging(config.log.level, config.log.format)
+    web.run_app(create_app(config), host=config.listen_host, port=config.listen_port,
+                access_log=None, print=None, shutdown_timeout=config.shutdown_grace)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    print(f"ok: {len(config.upstreams)} upstreams ({', '.join(sorted(config.upstreams))}), "
+          f"listening on {config.listen_host}:{config.listen_port}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirrorcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the mirror")
+    serve.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    serve.add_argument("--listen", help="HOST:PORT, overrides the config's listen")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Typed configuration, read once from YAML and the environment.
+
+``load_config(path, environ)`` is the only place that reads the config file or the
+environment; every problem is collected with its key path (``upstreams.quay.io.url: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+_MISSING: Any = object()
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one line per problem with its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``"45s"``, ``"10m"``, ``"1h30m"``, ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a duration such as 30s, 10m or 1h")
+    text = value.strip()
+    total, pos = 0.0, 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h)")
+    return total
+
+
+class _Section:
+    """Reads one mapping of the raw config, remembering its key path and every problem."""
+
+    def __init__(self, data: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.used: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.problem("", f"expected a mapping, got {type(data).__name__}")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, name: str, message: str) -> None:
+        where = self.key(name) if name else (self.path or "(root)")
+        self.problems.append(f"{where}: {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is _MISSING:
+                self.problem(name, "is required")
+                return None
+            return default
+        return self.data[name]
+
+    def text(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name, default)
+        if value is None or value is default:
+            return value
+        if not isinstance(value, str) or not value:
+            self.problem(name, "expected a non-empty string")
+            return default if default is not _MISSING else None
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            self.problem(name, "expected true or false")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int = 1 << 31) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(name, "expected an integer")
+            return default
+        if not minimum <= value <= maximum:
+            self.problem(name, f"must be between {minimum} and {maximum}")
+            return default
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.raw(name, default)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def str_list(self, name: str) -> tuple[str, ...]:
+        value = self.raw(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(name, "expected a list of strings")
+            return ()
+        return tuple(value)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name, default)
+        if value not in choices:
+            self.problem(name, f"expected one of {', '.join(choices)}")
+            return default
+        return str(value)
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.data.get(name), self.key(name), self.problems)
+
+    def items(self) -> Iterator[tuple[str, _Section]]:
+        for name in self.data:
+            self.used.add(name)
+            yield name, _Section(self.data[name], self.key(name), self.problems)
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                self.problem(name, "unknown key")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry: where it is, how to log in, how long its tags are trusted."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tag_ttl: float = 600.0
+    tag_stale_while_revalidate: float = 0.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    ca_file: str | None = None
+    insecure: bool = False
+    offline: bool = False
+    max_retries: int = 3
+    retry_max_wait: float = 30.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.name == "docker.io"
+
+
+@dataclass(frozen=True)
+class FilesystemStorageConfig:
+    """Blobs and manifests in a content-addressed tree under ``path``."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where cached content and metadata live."""
+
+    filesystem: FilesystemStorageConfig
+    metadata_path: Path
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Log level and rendering (``auto``: console on a TTY, JSON otherwise)."""
+
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole mirrorcache configuration."""
+
+    listen_host: str
+    listen_port: int
+    storage: StorageConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    default_upstream: str | None
+    log: LogConfig = LogConfig()
+    workers: int = 1
+    shutdown_grace: float = 30.0
+
+
+DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[::1]:port`` / ``:port``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _read_secret(sec: _Section, environ: Mapping[str, str]) -> str | None:
+    sources = [k for k in ("password", "password_env", "password_file") if sec.has(k)]
+    if len(sources) > 1:
+        sec.problem(sources[1], f"only one of {', '.join(sources)} may be set")
+    if sec.has("password_env"):
+        var = sec.text("password_env")
+        if var is not None and var not in environ:
+            sec.problem("password_env", f"environment variable {var} is not set")
+            return None
+        return environ.get(var) if var else None
+    if sec.has("password_file"):
+        path = sec.text("password_file")
+        try:
+            return Path(path).read_text().strip() if path else None
+        except OSError as exc:
+            sec.problem("password_file", f"cannot read file: {exc.strerror}")
+            return None
+    value = sec.text("password", None)
+    return value if isinstance(value, str) else None
+
+
+def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
+    url = sec.text("url")
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            sec.problem("url", f"expected an http(s) URL, got {url!r}")
+        elif parts.path not in ("", "/") or parts.query:
+            sec.problem("url", "must be a bare origin such as https://quay.io (no path)")
+    username = sec.text("username", None)
+    password = _read_secret(sec, environ)
+    if password is not None and username is None:
+        sec.problem("username", "is required when a password is set")
+    ca_file = sec.text("ca_file", None)
+    if isinstance(ca_file, str) and not Path(ca_file).is_file():
+        sec.problem("ca_file", f"no such file: {ca_file}")
+    up = UpstreamConfig(
+        name=name,
+        url=(url or "").rstrip("/"),
+        username=username,
+        password=password,
+        tag_ttl=sec.duration("tag_ttl", 600.0),
+        tag_stale_while_revalidate=sec.duration("tag_stale_while_revalidate", 0.0),
+        connect_timeout=sec.duration("connect_timeout", 10.0),
+        read_timeout=sec.duration("read_timeout", 60.0),
+        ca_file=ca_file,
+        insecure=sec.flag("insecure", False),
+        offline=sec.flag("offline", False),
+        max_retries=sec.integer("max_retries", 3, 0, 20),
+        retry_max_wait=sec.duration("retry_max_wait", 30.0),
+        breaker_failures=sec.integer("breaker_failures", 5, 1, 1000),
+        breaker_cooldown=sec.duration("breaker_cooldown", 30.0),
+    )
+    sec.finish()
+    return up
+
+
+_UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|localhost(:\d+)?")
+
+
+def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate raw (YAML-decoded) config data into a Config, or raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    root = _Section(data, "", problems)
+
+    listen = root.text("listen", "0.0.0.0:5000")
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        root.problem("listen", str(exc))
+        host, port = "0.0.0.0", 5000
+
+    storage_sec = root.section("storage")
+    fs_sec = storage_sec.section("filesystem")
+    fs_path = Path(fs_sec.text("path", "/var/lib/mirrorcache") or "/var/lib/mirrorcache")
+    fs_sec.finish()
+    meta = storage_sec.text("metadata_path", None)
+    storage = StorageConfig(
+        filesystem=FilesystemStorageConfig(path=fs_path),
+        metadata_path=Path(meta) if isinstance(meta, str) else fs_path / "metadata",
+    )
+    storage_sec.finish()
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    up_sec = root.section("upstreams")
+    if not up_sec.data:
+        up_sec.problem("", "at least one upstream is required")
+    for name, sec in up_sec.items():
+        if not _UPSTREAM_NAME_RE.fullmatch(name) or ("." not in name and ":" not in name
+                                                     and name != "localhost"):
+            up_sec.problem(name, "upstream names are registry hosts such as docker.io or quay.io")
+        if name in DOCKER_HUB_ALIASES:
+            up_sec.problem(name, "name Docker Hub 'docker.io'")
+        upstreams[name] = _parse_upstream(name, sec, environ)
+
+    default = root.text("default_upstream", None)
+    if default is not None and default not in upstreams:
+        root.problem("default_upstream", f"{default!r} is not one of the configured upstreams")
+
+    log_sec = root.section("log")
+    log_cfg = LogConfig(
+        level=log_sec.choice("level", "info", ("debug", "info", "warning", "error")),
+        format=log_sec.choice("format", "auto", ("auto", "json", "console")),
+    )
+    log_sec.finish()
+
+    cfg = Config(
+        listen_host=host,
+        listen_port=port,
+        storage=storage,
+        upstreams=upstreams,
+        default_upstream=default,
+        log=log_cfg,
+        workers=root.integer("workers", 1, 1, 64),
+        shutdown_grace=root.duration("shutdown_grace", 30.0),
+    )
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    return parse_config(data, environ)

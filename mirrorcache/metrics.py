@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app (no module-level collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The collectors mirrorcache exports on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "mirrorcache_requests", "Client requests", ["method", "kind", "status", "cache"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "mirrorcache_request_duration_seconds", "Client request duration", ["kind"],
+            registry=self.registry,
+        )
+        self.bytes_served = Counter(
+            "mirrorcache_served_bytes", "Body bytes sent to clients", ["cache"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "mirrorcache_upstream_requests", "Requests sent to upstreams",
+            ["upstream", "method", "status"], registry=self.registry,
+        )
+        self.upstream_bytes = Counter(
+            "mirrorcache_upstream_bytes", "Blob bytes fetched from upstreams", ["upstream"],
+            registry=self.registry,
+        )
+        self.coalesced = Counter(
+            "mirrorcache_coalesced_requests", "Requests that joined an in-flight fetch", ["kind"],
+            registry=self.registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirrorcache_upstream_ratelimit_remaining", "Last ratelimit-remaining seen",
+            ["upstream"], registry=self.registry,
+        )
+        self.breaker_open = Gauge(
+            "mirrorcache_upstream_breaker_open", "1 while an upstream's circuit is open",
+            ["upstream"], registry=self.registry,
+        )
+        self.policy_denied = Counter(
+            "mirrorcache_policy_denied", "Requests refused by policy", ["upstream"],
+            registry=self.registry,
+        )

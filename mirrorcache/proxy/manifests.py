@@ -1,0 +1,252 @@
+"""Pull-through manifests: immutable by digest, tags trusted for ``tag_ttl`` then revalidated."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+
+import aiohttp
+import structlog
+
+from mirrorcache.coalesce import Coalescer
+from mirrorcache.config import UpstreamConfig
+from mirrorcache.errors import OCIError
+from mirrorcache.metrics import Metrics
+from mirrorcache.oci import media
+from mirrorcache.oci.digest import digest_of
+from mirrorcache.oci.reference import Digest, Reference
+from mirrorcache.proxy.routing import Target
+from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.storage.base import BlobStore, StorageError
+from mirrorcache.storage.metadata import Metadata, TagRecord
+from mirrorcache.upstream.client import UpstreamUnavailable
+
+log = structlog.get_logger("mirrorcache.manifests")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    """A manifest to answer with; ``body`` is None for HEAD answers not read from cache."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes | None
+    cache: str  # hit | miss | stale | bypass
+    warning: str | None = None
+
+
+def _is_transient(err: OCIError) -> bool:
+    """Upstream faults for which serving a stale tag beats failing."""
+    return isinstance(err, UpstreamUnavailable) or err.status in (429, 502, 503, 504)
+
+
+class ManifestService:
+    """Answers manifest requests from the cache, asking upstream only when it must."""
+
+    def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
+                 store: BlobStore, meta: Metadata, coalescer: Coalescer,
+                 metrics: Metrics) -> None:
+        self._upstreams = upstreams
+        self._configs = configs
+        self._store = store
+        self._meta = meta
+        self._coalescer = coalescer
+        self._metrics = metrics
+        self._background: set[asyncio.Task[object]] = set()
+
+    async def get(self, target: Target, ref: Reference, accept: str | None, *,
+                  head: bool) -> ManifestResult:
+        if ref.digest is not None:
+            return await self._by_digest(target, ref.digest, accept, head=head)
+        assert ref.tag is not None
+        return await self._by_tag(target, ref.tag, accept, head=head)
+
+    # -- cache helpers
+    async def _cached(self, digest: Digest, cache: str) -> ManifestResult | None:
+        try:
+            body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
+        except StorageError:
+            return None
+        mt = self._meta.get_media_type(digest) or media.sniff_media_type(body)
+        return ManifestResult(digest, mt, len(body), body, cache)
+
+    async def _store_manifest(self, target: Target, digest: Digest, body: bytes,
+                              media_type: str) -> None:
+        try:
+            await self._store.put_bytes(digest, body)
+            await self._meta.set_media_type(digest, media_type)
+            await self._meta.link(target.upstream, target.repository, digest)
+        except StorageError as exc:
+            log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
+
+    # -- by digest
+    async def _by_digest(self, target: Target, digest: Digest, accept: str | None, *,
+                         head: bool) -> ManifestResult:
+        cfg = self._configs[target.upstream]
+        stored = await self._cached(digest, "hit")
+        if stored is not None:
+            if cfg.offline or self._meta.is_linked(target.upstream, target.repository, digest):
+                return stored
+            # Cached via another repository: upstream must confirm this one holds it too,
+            # or per-repository access rules could be sidestepped by digest.
+            await self._head_upstream(target, str(digest), accept)
+            await self._meta.link(target.upstream, target.repository, digest)
+            return stored
+        if cfg.offline:
+            raise OCIError("MANIFEST_UNKNOWN", f"{digest} is not cached and upstream "
+                           f"{target.upstream} is offline")
+        if head:
+            return await self._head_upstream(target, str(digest), accept)
+        key = ("manifest", target.upstream, target.repository, str(digest))
+        result, joined = await self._coalescer.run(
+            key, lambda: self._fetch(target, str(digest), media.DEFAULT_ACCEPT, expect=digest))
+        if joined:
+            self._metrics.coalesced.labels("manifest").inc()
+        return result
+
+    # -- by tag
+    async def _by_tag(self, target: Target, tag: str, accept: str | None, *,
+                      head: bool) -> ManifestResult:
+        cfg = self._configs[target.upstream]
+        rec = self._meta.get_tag(target.upstream, target.repository, tag)
+        if rec is not None:
+            age = rec.age()
+            fresh = age < cfg.tag_ttl or cfg.offline
+            swr = not fresh and age < cfg.tag_ttl + cfg.tag_stale_while_revalidate
+            if fresh or swr:
+                hit = await self._cached(rec.digest, "hit")
+                if hit is not None and media.accepts(accept, hit.media_type):
+                    if swr:
+                        self._revalidate_in_background(target, tag)
+                    return hit
+        if cfg.offline:
+            raise OCIError("MANIFEST_UNKNOWN", f"tag {tag} is not cached and upstream "
+                           f"{target.upstream} is offline")
+        if rec is not None and not media.accepts(accept, rec.media_type):
+            # An old client that cannot take what the tag canonically is: relay its own view.
+            return await self._fetch(target, tag, accept or media.DEFAULT_ACCEPT, expect=None,
+                                     cache="bypass")
+        try:
+            result, joined = await self._coalescer.run(
+                ("tag", target.upstream, target.repository, tag),
+                lambda: self._revalidate(target, tag, rec))
+        except OCIError as err:
+            stale = await self._cached(rec.digest, "stale") if rec is not None else None
+            if stale is None or not _is_transient(err):
+                raise
+            log.warning("upstream.stale_served", upstream=target.upstream,
+                        repository=target.repository, tag=tag, digest=str(rec.digest),  # type: ignore[union-attr]
+                        age_s=round(rec.age(), 1), error=err.code)  # type: ignore[union-attr]
+            return replace(stale, warning=f'110 mirrorcache "stale: upstream {err.code}"')
+        if joined:
+            self._metrics.coalesced.labels("tag").inc()
+        return result
+
+    def _revalidate_in_background(self, target: Target, tag: str) -> None:
+        key = ("tag", target.upstream, target.repository, tag)
+        if self._coalescer.is_running(key):
+            return
+        rec = self._meta.get_tag(target.upstream, target.repository, tag)
+
+        async def refresh() -> None:
+            try:
+                await self._coalescer.run(key, lambda: self._revalidate(target, tag, rec))
+            except OCIError as err:
+                log.warning("manifest.background_refresh_failed", upstream=target.upstream,
+                            repository=target.repository, tag=tag, error=err.code)
+
+        task: asyncio.Task[object] = asyncio.ensure_future(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _revalidate(self, target: Target, tag: str, rec: TagRecord | None
+                          ) -> ManifestResult:
+        """Ask upstream what the tag is now: a HEAD (free on Docker Hub), then a GET by
+        digest only when the digest changed or its content is not cached."""
+        client = self._upstreams[target.upstream]
+        path = f"/v2/{target.repository}/manifests/{tag}"
+        async with client.open("HEAD", path, target.repository,
+                               {"Accept": media.DEFAULT_ACCEPT}) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+            header = resp.headers.get("Docker-Content-Digest")
+        new_digest: Digest | None = None
+        if header:
+            try:
+                new_digest = Digest.parse(header)
+            except OCIError:
+                new_digest = None
+        if new_digest is not None:
+            cached = await self._cached(new_digest, "hit" if rec is not None
+                                        and rec.digest == new_digest else "miss")
+            if cached is not None:
+                await self._meta.link(target.upstream, target.repository, new_digest)
+                await self._set_tag(target, tag, cached)
+                return cached
+            result = await self._fetch(target, str(new_digest), media.DEFAULT_ACCEPT,
+                                       expect=new_digest)
+        else:
+            result = await self._fetch(target, tag, media.DEFAULT_ACCEPT, expect=None)
+        await self._set_tag(target, tag, result)
+        return result
+
+    async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
+        rec = TagRecord(result.digest, result.media_type, result.size, time.time())
+        try:
+            await self._meta.set_tag(target.upstream, target.repository, tag, rec)
+        except Exception as exc:
+            log.warning("manifest.tag_write_failed", error=type(exc).__name__)
+
+    async def _fetch(self, target: Target, reference: str, accept: str, *,
+                     expect: Digest | None, cache: str = "miss") -> ManifestResult:
+        """GET a manifest from upstream, verify its digest, store it."""
+        client = self._upstreams[target.upstream]
+        path = f"/v2/{target.repository}/manifests/{reference}"
+        async with client.open("GET", path, target.repository, {"Accept": accept}) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+            if (resp.content_length or 0) > media.MAX_MANIFEST_BYTES:
+                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
+            try:
+                body = await resp.content.read(media.MAX_MANIFEST_BYTES + 1)
+                while len(body) <= media.MAX_MANIFEST_BYTES and not resp.content.at_eof():
+                    more = await resp.content.read(media.MAX_MANIFEST_BYTES + 1 - len(body))
+                    if not more:
+                        break
+                    body += more
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
+            if len(body) > media.MAX_MANIFEST_BYTES:
+                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
+            header = resp.headers.get("Docker-Content-Digest")
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        want = expect or (Digest.parse(header) if header else None)
+        actual = digest_of(body, want.algorithm if want else "sha256")
+        if want is not None and actual != want:
+            log.error("manifest.digest_mismatch", upstream=target.upstream,
+                      repository=target.repository, expected=str(want), actual=str(actual))
+            raise OCIError("DIGEST_INVALID", f"upstream manifest does not match {want}",
+                           status=502)
+        media_type = content_type if content_type.startswith("application/vnd.") else (
+            media.sniff_media_type(body))
+        await self._store_manifest(target, actual, body, media_type)
+        return ManifestResult(actual, media_type, len(body), body, cache)
+
+    async def _head_upstream(self, target: Target, reference: str, accept: str | None
+                             ) -> ManifestResult:
+        client = self._upstreams[target.upstream]
+        path = f"/v2/{target.repository}/manifests/{reference}"
+        async with client.open("HEAD", path, target.repository,
+                               {"Accept": accept or media.DEFAULT_ACCEPT}) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+            digest = Digest.parse(resp.headers.get("Docker-Content-Digest", reference))
+            mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
+            return ManifestResult(digest, mt, resp.content_length or 0, None, "bypass")
+
+    async def aclose(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,72 @@
+"""Mapping the three client forms (bare, ``?ns=``, host prefix) to one (upstream, repository)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mirrorcache.config import DOCKER_HUB_ALIASES
+from mirrorcache.errors import OCIError
+from mirrorcache.oci.reference import validate_name
+
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A canonical repository at a configured upstream: the cache key of everything we store."""
+
+    upstream: str
+    repository: str
+
+    def __str__(self) -> str:
+        return f"{self.upstream}/{self.repository}"
+
+
+def _canonical_host(host: str) -> str:
+    host = host.lower()
+    return "docker.io" if host in DOCKER_HUB_ALIASES else host
+
+
+def looks_like_host(component: str) -> bool:
+    """The rule Docker uses: a first component with a dot or colon, or 'localhost', is a host."""
+    return "." in component or ":" in component or component == "localhost"
+
+
+class Router:
+    """Resolves request names against the configured upstreams only (no open proxy)."""
+
+    def __init__(self, upstreams: Mapping[str, object], default: str | None) -> None:
+        self._upstreams = frozenset(upstreams)
+        self._default = default
+
+    def _known(self, host: str, how: str) -> str:
+        if len(host) > 255 or not _HOST_RE.fullmatch(host):
+            raise OCIError("NAME_INVALID", f"invalid registry host in {how}: {host[:80]!r}")
+        canonical = _canonical_host(host)
+        if canonical not in self._upstreams:
+            raise OCIError("NAME_UNKNOWN", f"upstream registry {canonical!r} is not configured "
+                           "on this mirror", status=404)
+        return canonical
+
+    def resolve(self, name: str, ns: str | None = None) -> Target:
+        """Resolve the name from the URL path (and containerd's ``ns``) to a Target."""
+        if ns is not None:
+            upstream = self._known(ns, "ns")
+            repository = name
+        else:
+            first, sep, rest = name.partition("/")
+            if sep and looks_like_host(first):
+                upstream = self._known(first, "path")
+                repository = rest
+            elif self._default is not None:
+                upstream, repository = self._default, name
+            else:
+                raise OCIError("NAME_UNKNOWN", "no upstream named in the path or ns, and no "
+                               "default_upstream configured", status=404)
+        validate_name(repository)
+        if upstream == "docker.io" and "/" not in repository:
+            repository = f"library/{repository}"
+        return Target(upstream, repository)

@@ -1,0 +1,203 @@
+"""Filesystem blob store: temp file + hash on the way in, verify-then-rename at commit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import structlog
+
+from mirrorcache.oci.reference import DIGEST_ALGORITHMS, Digest
+from mirrorcache.storage import keys
+from mirrorcache.storage.base import BlobInfo, BlobNotFound, DigestMismatch, StorageError
+
+log = structlog.get_logger("mirrorcache.storage")
+
+READ_CHUNK = 1 << 20
+
+
+class FsBlobWriter:
+    """A write into ``tmp/``; hashing happens in a worker thread together with the write."""
+
+    def __init__(self, store: FilesystemBlobStore, digest: Digest) -> None:
+        self.digest = digest
+        self._store = store
+        self._hash = hashlib.new(digest.algorithm)
+        name = keys.temp_prefix(digest) + secrets.token_hex(6) + keys.TMP_SUFFIX
+        self._path = store.root / keys.TMP_DIR / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._size = 0
+        self._closed = False
+        self.finished = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def local_path(self) -> Path | None:
+        return self._path
+
+    def _write_sync(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    async def write(self, chunk: bytes) -> None:
+        if self._closed:
+            raise StorageError("write after close")
+        try:
+            if len(chunk) < 65536:
+                self._write_sync(chunk)
+            else:
+                await asyncio.to_thread(self._write_sync, chunk)
+        except OSError as exc:
+            raise StorageError(f"writing {self.digest}: {exc.strerror}") from exc
+        self._size += len(chunk)
+
+    def _close_fd(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    async def commit(self) -> BlobInfo:
+        self._close_fd()
+        self.finished = True
+        actual = self._hash.hexdigest()
+        if actual != self.digest.hex:
+            self._unlink()
+            raise DigestMismatch(self.digest, f"{self.digest.algorithm}:{actual}", self._size)
+        final = self._store.path_of(self.digest)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                self._unlink()  # content-addressed: someone else committed the same bytes
+            else:
+                os.replace(self._path, final)
+        except OSError as exc:
+            self._unlink()
+            raise StorageError(f"committing {self.digest}: {exc.strerror}") from exc
+        return BlobInfo(self.digest, self._size)
+
+    def _unlink(self) -> None:
+        try:
+            self._path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def cancel(self) -> None:
+        self._close_fd()
+        self.finished = True
+        self._unlink()
+
+
+class FilesystemBlobStore:
+    """Blobs in a content-addressed tree on local disk (see keys.py for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / keys.BLOBS_DIR).mkdir(parents=True, exist_ok=True)
+        (root / keys.TMP_DIR).mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, digest: Digest) -> Path:
+        return self.root / keys.blob_key(digest)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return self.path_of(digest)
+
+    async def stat(self, digest: Digest) -> BlobInfo | None:
+        try:
+            st = os.stat(self.path_of(digest))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"stat {digest}: {exc.strerror}") from exc
+        return BlobInfo(digest, st.st_size)
+
+    @asynccontextmanager
+    async def writer(self, digest: Digest) -> AsyncIterator[FsBlobWriter]:
+        try:
+            w = FsBlobWriter(self, digest)
+        except OSError as exc:
+            raise StorageError(f"creating temp file: {exc.strerror}") from exc
+        try:
+            yield w
+        finally:
+            if not w.finished:
+                await w.cancel()
+
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None
+                   ) -> AsyncIterator[bytes]:
+        try:
+            f = open(self.path_of(digest), "rb")  # noqa: ASYNC230
+        except FileNotFoundError:
+            raise BlobNotFound(str(digest)) from None
+        with f:
+            f.seek(offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                n = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
+                data = await asyncio.to_thread(f.read, n)
+                if not data:
+                    break
+                if remaining is not None:
+                    remaining -= len(data)
+                yield data
+
+    async def read_bytes(self, digest: Digest, max_size: int) -> bytes:
+        try:
+            with open(self.path_of(digest), "rb") as f:  # noqa: ASYNC230  small, page-cached
+                data = f.read(max_size + 1)
+        except FileNotFoundError:
+            raise BlobNotFound(str(digest)) from None
+        except OSError as exc:
+            raise StorageError(f"reading {digest}: {exc.strerror}") from exc
+        if len(data) > max_size:
+            raise StorageError(f"{digest} is larger than {max_size} bytes")
+        return data
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> BlobInfo:
+        async with self.writer(digest) as w:
+            await w.write(data)
+            return await w.commit()
+
+    async def delete(self, digest: Digest) -> None:
+        try:
+            self.path_of(digest).unlink()
+        except FileNotFoundError:
+            pass
+
+    async def list(self) -> AsyncIterator[BlobInfo]:
+        for algorithm, hexlen in DIGEST_ALGORITHMS.items():
+            base = self.root / keys.BLOBS_DIR / algorithm
+            if not base.is_dir():
+                continue
+            for sub in sorted(base.iterdir()):
+                entries = await asyncio.to_thread(_scan, sub)
+                for name, size in entries:
+                    if len(name) == hexlen:
+                        yield BlobInfo(Digest(algorithm, name), size)
+
+    async def cleanup_temp(self) -> int:
+        removed = 0
+        for entry in os.scandir(self.root / keys.TMP_DIR):
+            if entry.name.endswith(keys.TMP_SUFFIX) or entry.name.endswith(".lock"):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        if removed:
+            log.info("storage.temp_cleaned", files=removed)
+        return removed
+
+
+def _scan(directory: Path) -> list[tuple[str, int]]:
+    return sorted((e.name, e.stat().st_size) for e in os.scandir(directory) if e.is_file())

@@ -1,0 +1,217 @@
+"""Talking to one upstream registry: auth, redirects, retries, timeouts, redaction."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict
+from yarl import URL
+
+from mirrorcache.config import UpstreamConfig
+from mirrorcache.errors import OCIError
+from mirrorcache.metrics import Metrics
+from mirrorcache.upstream.auth import (
+    Challenge,
+    TokenCache,
+    TokenError,
+    fetch_token,
+    parse_challenges,
+    pull_scope,
+)
+
+log = structlog.get_logger("mirrorcache.upstream")
+
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def ssl_context_for(cfg: UpstreamConfig) -> ssl.SSLContext | bool:
+    """Verified TLS by default; a private CA with ``ca_file``; no checks only if ``insecure``."""
+    if cfg.insecure:
+        return False
+    if cfg.ca_file:
+        return ssl.create_default_context(cafile=cfg.ca_file)
+    return True
+
+
+class UpstreamUnavailable(OCIError):
+    """The upstream could not be reached or timed out."""
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        super().__init__("UNAVAILABLE", f"upstream {upstream} unavailable: {reason}", status=503)
+
+
+class UpstreamClient:
+    """Requests to one upstream registry, authenticated as that upstream asks."""
+
+    def __init__(self, cfg: UpstreamConfig, session: aiohttp.ClientSession,
+                 metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self._session = session
+        self._metrics = metrics
+        self._ssl = ssl_context_for(cfg)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
+            sock_read=cfg.read_timeout,
+        )
+        self._basic = (
+            aiohttp.BasicAuth(cfg.username, cfg.password or "") if cfg.username else None
+        )
+        self._tokens = TokenCache()
+        self._bearer: Challenge | None = None  # last bearer challenge, for proactive tokens
+        self._use_basic = False
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self.ratelimit: dict[str, str] = {}
+
+    def url(self, path: str) -> str:
+        return self.cfg.url + path
+
+    async def _token_for(self, challenge: Challenge, scope: str, *, fresh: bool) -> str:
+        realm, service = challenge.realm or "", challenge.params.get("service", "")
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            if not fresh:
+                cached = self._tokens.get(realm, service, scope)
+                if cached:
+                    return cached
+            try:
+                token, lifetime = await fetch_token(self._session, challenge, scope, self._basic,
+                                                    self._ssl, self._timeout)
+            except TokenError as exc:
+                if exc.status in (401, 403):
+                    raise OCIError("UNAUTHORIZED" if exc.status == 401 else "DENIED",
+                                   f"upstream {self.name} refused credentials for {scope}",
+                                   status=exc.status) from None
+                raise UpstreamUnavailable(self.name, str(exc)) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(self.name, f"token endpoint: {type(exc).__name__}"
+                                          ) from None
+            self._tokens.put(realm, service, scope, token, lifetime)
+            return token
+
+    async def _auth_header(self, scope: str) -> str | None:
+        if self._bearer is not None:
+            realm, service = self._bearer.realm or "", self._bearer.params.get("service", "")
+            cached = self._tokens.get(realm, service, scope)
+            if cached:
+                return f"Bearer {cached}"
+            return f"Bearer {await self._token_for(self._bearer, scope, fresh=False)}"
+        if self._use_basic and self._basic is not None:
+            return self._basic.encode()
+        return None
+
+    async def _send(self, method: str, url: str, headers: CIMultiDict[str]
+                    ) -> aiohttp.ClientResponse:
+        start = time.monotonic()
+        try:
+            resp = await self._session.request(
+                method, url, headers=headers, allow_redirects=False, ssl=self._ssl,
+                timeout=self._timeout, auto_decompress=False,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._metrics.upstream_requests.labels(self.name, method, "error").inc()
+            log.warning("upstream.request_failed", upstream=self.name, method=method,
+                        path=urlsplit(url).path, error=type(exc).__name__)
+            raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+        self._metrics.upstream_requests.labels(self.name, method, str(resp.status)).inc()
+        self._note_ratelimit(resp)
+        log.info("upstream.request", upstream=self.name, method=method,
+                 host=urlsplit(url).netloc, path=urlsplit(url).path, status=resp.status,
+                 duration_ms=round((time.monotonic() - start) * 1000, 1))
+        return resp
+
+    def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None:
+            self.ratelimit = {
+                "limit": resp.headers.get("ratelimit-limit", ""),
+                "remaining": remaining,
+            }
+            try:
+                self._metrics.ratelimit_remaining.labels(self.name).set(
+                    float(remaining.split(";", 1)[0]))
+            except ValueError:
+                pass
+
+    @asynccontextmanager
+    async def open(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request for ``repository`` and yield the final response (after auth and
+        redirects). The body is the caller's to read; it is released on exit."""
+        scope = pull_scope(repository)
+        url = self.url(path)
+        if params:
+            url = str(URL(url).with_query(dict(params)))
+        hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
+        auth = await self._auth_header(scope)
+        if auth:
+            hdrs["Authorization"] = auth
+        resp = await self._send(method, url, hdrs)
+        try:
+            if resp.status == 401:
+                resp = await self._retry_authenticated(method, url, hdrs, scope, resp)
+            resp = await self._follow_redirects(method, url, hdrs, resp)
+            yield resp
+        finally:
+            resp.release()
+
+    async def _retry_authenticated(self, method: str, url: str, hdrs: CIMultiDict[str],
+                                   scope: str, resp: aiohttp.ClientResponse
+                                   ) -> aiohttp.ClientResponse:
+        challenges = parse_challenges(", ".join(resp.headers.getall("WWW-Authenticate", [])))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        basic = next((c for c in challenges if c.scheme == "basic"), None)
+        if bearer is not None:
+            had_token = "Authorization" in hdrs
+            self._bearer = bearer
+            # The challenge may ask for a wider scope than ours (e.g. catalog); use it.
+            want = bearer.params.get("scope", scope)
+            token = await self._token_for(bearer, want, fresh=had_token)
+            hdrs["Authorization"] = f"Bearer {token}"
+        elif basic is not None and self._basic is not None and not self._use_basic:
+            self._use_basic = True
+            hdrs["Authorization"] = self._basic.encode()
+        else:
+            return resp
+        resp.release()
+        return await self._send(method, url, hdrs)
+
+    async def _follow_redirects(self, method: str, url: str, hdrs: CIMultiDict[str],
+                                resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+        hops = 0
+        origin = urlsplit(url).netloc
+        while resp.status in _REDIRECTS and "Location" in resp.headers and method in ("GET",
+                                                                                      "HEAD"):
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise OCIError("UNKNOWN", f"upstream {self.name}: too many redirects", status=502)
+            url = urljoin(url, resp.headers["Location"])
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise OCIError("UNKNOWN", f"upstream {self.name}: bad redirect", status=502)
+            resp.release()
+            if urlsplit(url).netloc != origin:
+                # Object storage behind a redirect gets no registry credentials.
+                hdrs = CIMultiDict((k, v) for k, v in hdrs.items() if k.lower() != "authorization")
+                origin = urlsplit(url).netloc
+            resp = await self._send(method, url, hdrs)
+        return resp
+
+
+def response_headers(resp: aiohttp.ClientResponse, names: tuple[str, ...]) -> dict[str, Any]:
+    """The subset of upstream response headers we relay."""
+    return {n: resp.headers[n] for n in names if n in resp.headers}
