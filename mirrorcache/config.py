@@ -216,7 +216,7 @@ DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.d
 def parse_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[::1]:port`` / ``:port``."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

@@ -15,6 +15,7 @@ from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import OCIError
 from mirrorcache.oci.reference import Digest, Reference
 from mirrorcache.proxy.blobs import CachedBlob, DownloadFailed, InflightBlob, PassthroughBlob
+from mirrorcache.proxy.passthrough import paginate_tags
 from mirrorcache.proxy.routing import Target
 
 log = structlog.get_logger("mirrorcache.api")
@@ -57,7 +58,9 @@ async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.S
     services = request.app[SERVICES]
     ref = Reference.parse(path.reference)
     head = request.method == "HEAD"
-    res = await services.manifests.get(target, ref, request.headers.get("Accept"), head=head)
+    # Clients (containers/image, containerd) often send one Accept line per media type.
+    accept = ", ".join(request.headers.getall("Accept", [])) or None
+    res = await services.manifests.get(target, ref, accept, head=head)
     request[CACHE_KEY] = res.cache
     headers = {
         **API_HEADERS,
@@ -209,6 +212,10 @@ async def _relay(request: web.Request, target: Target, path: V2Path, suffix: str
     relayed = await services.passthrough.relay(target, suffix, params, default_code)
     headers = dict(API_HEADERS)
     link = _rewrite_link(relayed.link, target, path)
+    if path.kind == "tags":
+        relayed, next_last = paginate_tags(relayed, params)
+        if next_last is not None:
+            link = f'</v2/{path.name}/tags/list?n={params["n"]}&last={next_last}>; rel="next"'
     if link:
         if "ns" in request.query and "ns=" not in link:
             link = link.replace(">", ("&" if "?" in link else "?") + f"ns={request.query['ns']}>",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -60,3 +61,26 @@ class PassthroughService:
                 content_type=resp.headers.get("Content-Type", "application/json"),
                 link=resp.headers.get("Link"),
             )
+
+
+def paginate_tags(relayed: Relayed, params: Mapping[str, str]) -> tuple[Relayed, str | None]:
+    """Apply ``n``/``last`` ourselves when the upstream ignored them (Distribution 2.x does).
+
+    Returns the page and, if more tags follow, the ``last`` value for the next page.
+    """
+    if relayed.link or not params:
+        return relayed, None
+    try:
+        doc = json.loads(relayed.body)
+        tags = sorted(t for t in doc["tags"] if isinstance(t, str))
+    except (ValueError, KeyError, TypeError):
+        return relayed, None
+    last = params.get("last")
+    if last is not None:
+        tags = [t for t in tags if t > last]
+    n = int(params["n"]) if "n" in params else len(tags)
+    page, more = tags[:n], len(tags) > n
+    doc["tags"] = page
+    body = json.dumps(doc).encode()
+    return Relayed(relayed.status, body, "application/json", None), (
+        page[-1] if more and page else None)

@@ -1,0 +1,73 @@
+"""Shared pytest fixtures: token server, real docker-registry processes, unique repo names.
+
+The registries are session-scoped (one process each for the whole run); tests keep out of
+each other's way by pushing to ``unique_repo``. Tests marked ``integration`` (and the registry
+fixtures) are skipped with a clear reason only when docker-registry / skopeo are missing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.registry import RegistryProcess, registry_binary
+from tests.support.skopeo import skopeo_binary
+from tests.support.tokenserver import TokenServer
+
+NO_REGISTRY = "docker-registry binary not installed (apt-get install docker-registry)"
+NO_SKOPEO = "skopeo binary not installed (apt-get install skopeo)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.integration`` tests if docker-registry or skopeo is missing."""
+    missing = [
+        reason
+        for ok, reason in ((registry_binary(), NO_REGISTRY), (skopeo_binary(), NO_SKOPEO))
+        if not ok
+    ]
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason="; ".join(missing))
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            item.add_marker(skip)
+
+
+def _require_registry() -> None:
+    if registry_binary() is None:
+        pytest.skip(NO_REGISTRY)
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    """A running bearer token server (anonymous requests get every requested action)."""
+    with TokenServer(workdir=tmp_path_factory.mktemp("tokenserver")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """An anonymous docker-registry (Distribution 2.8.2) on 127.0.0.1."""
+    _require_registry()
+    with RegistryProcess(workdir=tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def auth_registry(
+    tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer
+) -> Iterator[RegistryProcess]:
+    """A docker-registry that requires bearer tokens from ``token_server``."""
+    _require_registry()
+    with RegistryProcess(
+        token_server=token_server, workdir=tmp_path_factory.mktemp("auth-registry")
+    ) as reg:
+        yield reg
+
+
+@pytest.fixture
+def unique_repo() -> str:
+    """A fresh repository name (``test/<12 hex>``) so tests sharing a registry never collide."""
+    return f"test/{uuid.uuid4().hex[:12]}"
