@@ -22,6 +22,7 @@ from mirrorcache.proxy.manifests import ManifestService
 from mirrorcache.proxy.passthrough import PassthroughService
 from mirrorcache.proxy.routing import Router
 from mirrorcache.proxy.upstreams import Upstreams
+from mirrorcache.storage.base import BlobStore
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamClient
@@ -32,8 +33,12 @@ CONFIG = web.AppKey("config", Config)
 USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
 
 
-def create_app(config: Config, *, clean_temp: bool = True) -> web.Application:
-    """Build the application for ``config``; resources open and close with the app."""
+def create_app(config: Config, *, clean_temp: bool = True,
+               store: BlobStore | None = None) -> web.Application:
+    """Build the application for ``config``; resources open and close with the app.
+
+    ``store`` replaces the configured blob store (tests inject failing stores here).
+    """
     app = web.Application(
         middlewares=[access_log_middleware, error_middleware],
         client_max_size=1024 * 1024,
@@ -43,9 +48,9 @@ def create_app(config: Config, *, clean_temp: bool = True) -> web.Application:
     add_routes(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = FilesystemBlobStore(config.storage.filesystem.path)
+        blob_store: BlobStore = store or FilesystemBlobStore(config.storage.filesystem.path)
         if clean_temp:
-            await store.cleanup_temp()
+            await blob_store.cleanup_temp()
         meta = Metadata(config.storage.metadata_path)
         metrics = Metrics()
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
@@ -59,8 +64,8 @@ def create_app(config: Config, *, clean_temp: bool = True) -> web.Application:
         })
         configs = dict(config.upstreams)
         coalescer = Coalescer()
-        manifests = ManifestService(upstreams, configs, store, meta, coalescer, metrics)
-        blobs = BlobService(upstreams, configs, store, meta, metrics)
+        manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics)
+        blobs = BlobService(upstreams, configs, blob_store, meta, metrics)
 
         async def ready() -> bool:
             try:

@@ -50,6 +50,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from mirrorcache.storage.fs import FilesystemBlobStore
+    from mirrorcache.verify import verify_store
+
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    configure_logging(config.log.level, "json" if config.log.format == "json" else "console")
+    store = FilesystemBlobStore(config.storage.filesystem.path)
+    report = asyncio.run(verify_store(store, repair=args.repair))
+    for digest in report.bad:
+        print(f"{'removed' if digest in report.removed else 'corrupt'} {digest}")
+    print(f"checked {report.checked} blobs ({report.bytes} bytes): {len(report.bad)} corrupt"
+          + (f", {len(report.removed)} removed" if args.repair else ""))
+    return 1 if report.bad and not args.repair else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrorcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.set_defaults(func=cmd_check_config)
+    verify = sub.add_parser("verify", help="re-hash the cache; --repair removes corrupt blobs")
+    verify.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    verify.add_argument("--repair", action="store_true", help="delete blobs that do not match")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -25,7 +25,7 @@ from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
-from mirrorcache.storage.base import BlobStore, DigestMismatch, StorageError
+from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, StorageError
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamUnavailable
 
@@ -35,6 +35,8 @@ UPSTREAM_CHUNK = 1 << 20
 READ_CHUNK = 1 << 20
 #: After a storage failure, serve straight from upstream for this long before trying again.
 BYPASS_SECONDS = 30.0
+#: Range requests to resume one broken upstream body before giving up.
+MAX_RESUMES = 3
 
 
 class DownloadFailed(OCIError):
@@ -265,23 +267,29 @@ class BlobService:
                 if w.local_path is None:
                     raise _StorageFailed()
                 dl.path = w.local_path
-                async with client.open("GET", f"/v2/{target.repository}/blobs/{digest}",
-                                       target.repository) as resp:
+                path = f"/v2/{target.repository}/blobs/{digest}"
+                async with client.open("GET", path, target.repository) as resp:
                     if resp.status != 200:
                         raise await relay_error(resp, "BLOB_UNKNOWN")
                     dl.size = resp.content_length
                     dl.started.set()
                     log.info("blob.fetch_started", upstream=target.upstream,
                              repository=target.repository, digest=str(digest), size=dl.size)
-                    try:
-                        async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
-                            await w.write(chunk)
-                            dl.written = w.size
-                            dl.notify()
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        raise UpstreamUnavailable(target.upstream,
-                                                  f"body broke after {w.size} bytes: "
-                                                  f"{type(exc).__name__}") from None
+                    broke = await _pump(resp, w, dl)
+                resumes = 0
+                while broke is not None and dl.size is not None and resumes < MAX_RESUMES:
+                    resumes += 1
+                    log.warning("blob.resume", upstream=target.upstream, digest=str(digest),
+                                offset=w.size, size=dl.size, attempt=resumes, error=broke)
+                    async with client.open("GET", path, target.repository,
+                                           {"Range": f"bytes={w.size}-"}) as resp:
+                        if resp.status != 206 or not _range_starts_at(resp, w.size):
+                            raise UpstreamUnavailable(target.upstream, "could not resume "
+                                                      f"after {w.size} bytes ({resp.status})")
+                        broke = await _pump(resp, w, dl)
+                if broke is not None:
+                    raise UpstreamUnavailable(target.upstream, f"body broke after {w.size} "
+                                              f"bytes: {broke}")
                 if dl.size is not None and w.size != dl.size:
                     raise UpstreamUnavailable(target.upstream, f"body ended after {w.size} of "
                                               f"{dl.size} bytes")
@@ -357,6 +365,25 @@ class BlobService:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _pump(resp: aiohttp.ClientResponse, w: BlobWriter, dl: Download) -> str | None:
+    """Copy an upstream body into the writer; None when it ended, else why it broke."""
+    try:
+        async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
+            await w.write(chunk)
+            dl.written = w.size
+            dl.notify()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
+    if dl.size is not None and w.size < dl.size:
+        return "short body"
+    return None
+
+
+def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
+    value = resp.headers.get("Content-Range", "")
+    return value.startswith(f"bytes {offset}-")
 
 
 class _StorageFailed(OCIError):

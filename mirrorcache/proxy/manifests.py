@@ -246,6 +246,10 @@ class ManifestService:
             mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
             return ManifestResult(digest, mt, resp.content_length or 0, None, "bypass")
 
+    async def wait_background(self) -> None:
+        """Wait for background tag refreshes started so far (tests, shutdown)."""
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+
     async def aclose(self) -> None:
         for t in list(self._background):
             t.cancel()

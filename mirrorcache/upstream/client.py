@@ -7,12 +7,21 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
 from multidict import CIMultiDict
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from yarl import URL
 
 from mirrorcache.config import UpstreamConfig
@@ -26,6 +35,7 @@ from mirrorcache.upstream.auth import (
     parse_challenges,
     pull_scope,
 )
+from mirrorcache.upstream.breaker import CircuitBreaker, Rejection
 
 log = structlog.get_logger("mirrorcache.upstream")
 
@@ -47,6 +57,41 @@ class UpstreamUnavailable(OCIError):
 
     def __init__(self, upstream: str, reason: str) -> None:
         super().__init__("UNAVAILABLE", f"upstream {upstream} unavailable: {reason}", status=503)
+
+
+class UpstreamRejected(OCIError):
+    """The upstream's circuit is open: we fail fast instead of calling it."""
+
+    def __init__(self, upstream: str, rejection: Rejection) -> None:
+        wait = max(int(rejection.retry_after + 0.999), 1)
+        if rejection.rate_limited:
+            super().__init__("TOOMANYREQUESTS", f"upstream {upstream} is rate-limiting this "
+                             f"mirror; retry in {wait}s", status=429,
+                             headers={"Retry-After": str(wait)})
+        else:
+            super().__init__("UNAVAILABLE", f"upstream {upstream} is failing; not calling it for "
+                             f"{wait}s", status=503, headers={"Retry-After": str(wait)})
+
+
+class _Retryable(Exception):
+    """An attempt that may be retried (connection error or 502/503/504)."""
+
+
+RETRY_STATUSES = (502, 503, 504)
+
+
+def retry_after_seconds(value: str | None, default: float) -> float:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 class UpstreamClient:
@@ -71,6 +116,7 @@ class UpstreamClient:
         self._use_basic = False
         self._token_locks: dict[str, asyncio.Lock] = {}
         self.ratelimit: dict[str, str] = {}
+        self.breaker = CircuitBreaker(cfg.name, cfg.breaker_failures, cfg.breaker_cooldown)
 
     def url(self, path: str) -> str:
         return self.cfg.url + path
@@ -111,22 +157,67 @@ class UpstreamClient:
 
     async def _send(self, method: str, url: str, headers: CIMultiDict[str]
                     ) -> aiohttp.ClientResponse:
+        """One logical request: retried with backoff on connection errors and 502/503/504,
+        never on 429 (that opens the breaker for Retry-After instead)."""
+        cfg = self.cfg
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(cfg.max_retries + 1) | stop_after_delay(cfg.retry_max_wait),
+            wait=wait_exponential_jitter(multiplier=0.1, max=max(cfg.retry_max_wait / 4, 0.1)),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        last: aiohttp.ClientResponse | None = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if last is not None:
+                        last.release()
+                        last = None
+                    last = await self._send_once(method, url, headers)
+                    if last.status in RETRY_STATUSES:
+                        raise _Retryable()
+        except _Retryable as exc:
+            if last is None:  # the last attempt could not connect
+                cause = exc.__cause__
+                raise (cause if isinstance(cause, OCIError)
+                       else UpstreamUnavailable(self.name, "retries exhausted")) from None
+            # attempts used up: hand the last 5xx to the caller to relay
+        assert last is not None
+        return last
+
+    async def _send_once(self, method: str, url: str, headers: CIMultiDict[str]
+                         ) -> aiohttp.ClientResponse:
+        rejection = self.breaker.before_call()
+        if rejection is not None:
+            raise UpstreamRejected(self.name, rejection)
         start = time.monotonic()
+        path = urlsplit(url).path
         try:
             resp = await self._session.request(
                 method, url, headers=headers, allow_redirects=False, ssl=self._ssl,
                 timeout=self._timeout, auto_decompress=False,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.breaker.failure()
             self._metrics.upstream_requests.labels(self.name, method, "error").inc()
+            self._metrics.breaker_open.labels(self.name).set(int(self.breaker.is_open))
             log.warning("upstream.request_failed", upstream=self.name, method=method,
-                        path=urlsplit(url).path, error=type(exc).__name__)
-            raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+                        path=path, error=type(exc).__name__)
+            raise _Retryable() from UpstreamUnavailable(self.name, type(exc).__name__)
+        if resp.status == 429:
+            self.breaker.failure(retry_after=retry_after_seconds(resp.headers.get("Retry-After"),
+                                                                 self.cfg.breaker_cooldown))
+        elif resp.status >= 500:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        self._metrics.breaker_open.labels(self.name).set(int(self.breaker.is_open))
         self._metrics.upstream_requests.labels(self.name, method, str(resp.status)).inc()
         self._note_ratelimit(resp)
         log.info("upstream.request", upstream=self.name, method=method,
-                 host=urlsplit(url).netloc, path=urlsplit(url).path, status=resp.status,
-                 duration_ms=round((time.monotonic() - start) * 1000, 1))
+                 host=urlsplit(url).netloc, path=path, status=resp.status,
+                 duration_ms=round((time.monotonic() - start) * 1000, 1),
+                 ratelimit_remaining=self.ratelimit.get("remaining"))
         return resp
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:

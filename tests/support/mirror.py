@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from mirrorcache.app import create_app
 from mirrorcache.config import Config, parse_config
+from mirrorcache.storage.base import BlobStore
 
 
 def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]],
@@ -31,9 +32,10 @@ def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]],
 class Mirror:
     """``async with Mirror(raw_config) as m:`` -> a serving mirror at ``m.url`` / ``m.host``."""
 
-    def __init__(self, raw: dict[str, Any], environ: dict[str, str] | None = None) -> None:
+    def __init__(self, raw: dict[str, Any], environ: dict[str, str] | None = None,
+                 store: BlobStore | None = None) -> None:
         self.config: Config = parse_config(raw, environ or {})
-        self.app: web.Application = create_app(self.config)
+        self.app: web.Application = create_app(self.config, store=store)
         self._server = TestServer(self.app, host="127.0.0.1")
 
     @property
