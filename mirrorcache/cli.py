@@ -20,9 +20,7 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from mirrorcache.app import create_app
+    from mirrorcache.server import serve
 
     try:
         config = load_config(_config_path(args))
@@ -32,10 +30,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.listen:
         host, port = parse_listen(args.listen)
         config = replace(config, listen_host=host, listen_port=port)
-    configure_logging(config.log.level, config.log.format)
-    web.run_app(create_app(config), host=config.listen_host, port=config.listen_port,
-                access_log=None, print=None, shutdown_timeout=config.shutdown_grace)
-    return 0
+    if args.workers is not None:
+        config = replace(config, workers=args.workers)
+    return serve(config)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -77,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the mirror")
     serve.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
     serve.add_argument("--listen", help="HOST:PORT, overrides the config's listen")
+    serve.add_argument("--workers", type=int, help="processes serving the port (default: "
+                       "the config's workers, 1)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")

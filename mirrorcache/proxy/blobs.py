@@ -10,6 +10,7 @@ digest is wrong: a failed download ends every reader's response short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -25,7 +26,13 @@ from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
-from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, StorageError
+from mirrorcache.storage.base import (
+    BlobStore,
+    BlobWriter,
+    DigestMismatch,
+    InflightClaim,
+    StorageError,
+)
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamUnavailable
 
@@ -37,6 +44,10 @@ READ_CHUNK = 1 << 20
 BYPASS_SECONDS = 30.0
 #: Range requests to resume one broken upstream body before giving up.
 MAX_RESUMES = 3
+#: How often a process tailing another process's fetch looks at its progress.
+PEER_POLL = 0.02
+#: Extra patience, beyond the upstream read timeout, before a silent peer fetch is given up.
+PEER_GRACE = 5.0
 
 
 class DownloadFailed(OCIError):
@@ -247,12 +258,97 @@ class BlobService:
         dl = Download(target, digest)
         dl.final_path = self._store.local_path(digest)
         self._downloads[digest] = dl
-        task = asyncio.ensure_future(self._download(dl))
+        task = asyncio.ensure_future(self._fetch_or_follow(dl))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return dl
 
-    async def _download(self, dl: Download) -> None:
+    async def _fetch_or_follow(self, dl: Download) -> None:
+        """Fetch the blob, unless another process on this host already is: then tail its
+        spool file (and take over if it dies before sending a byte)."""
+        digest = dl.digest
+        try:
+            while True:
+                try:
+                    claim = self._store.claim(digest)
+                except StorageError as exc:
+                    self._storage_failed(exc)
+                    raise _StorageFailed() from None
+                if claim is not None:
+                    info = await self._store.stat(digest)
+                    if info is not None:  # a peer committed it between our look and claim
+                        claim.release(done=True)
+                        await self._adopt_committed(dl, info.size)
+                        return
+                    await self._download(dl, claim)
+                    return
+                if not await self._follow_peer(dl):
+                    return
+        except OCIError as exc:
+            dl.error = exc
+            log.warning("blob.fetch_failed", upstream=dl.target.upstream,
+                        repository=dl.target.repository, digest=str(digest), error=exc.code,
+                        message=exc.message, bytes=dl.written)
+        except asyncio.CancelledError:
+            dl.error = OCIError("UNAVAILABLE", "mirror shutting down", status=503)
+            raise
+        except Exception as exc:
+            dl.error = OCIError("UNKNOWN", "blob fetch failed", status=500)
+            log.exception("blob.fetch_crashed", digest=str(digest), error=type(exc).__name__)
+        finally:
+            if self._downloads.get(digest) is dl:
+                del self._downloads[digest]
+            dl.started.set()
+            dl.finished.set()
+            dl.notify()
+
+    async def _adopt_committed(self, dl: Download, size: int) -> None:
+        dl.path = dl.final_path
+        dl.size = dl.written = size
+        dl.done = True
+        await self._meta.link(dl.target.upstream, dl.target.repository, dl.digest)
+
+    async def _follow_peer(self, dl: Download) -> bool:
+        """Tail another process's fetch. Returns True when this process should take over."""
+        self._metrics.coalesced.labels("blob_peer").inc()
+        log.info("blob.following_peer", digest=str(dl.digest))
+        loop = asyncio.get_running_loop()
+        idle_limit = self._configs[dl.target.upstream].read_timeout + PEER_GRACE
+        last_progress = loop.time()
+        while True:
+            info = await self._store.stat(dl.digest)
+            if info is not None:
+                await self._adopt_committed(dl, info.size)
+                return False
+            peer = self._store.peer_fetch(dl.digest)
+            if not peer.alive:
+                if await self._store.stat(dl.digest) is not None:
+                    continue
+                if peer.error is not None:
+                    raise OCIError(str(peer.error.get("code", "UNKNOWN")),
+                                   str(peer.error.get("message", "peer fetch failed")),
+                                   status=int(peer.error.get("status", 502)))
+                if dl.written == 0:
+                    log.warning("blob.peer_vanished", digest=str(dl.digest))
+                    return True
+                raise OCIError("UNAVAILABLE", "peer fetch died mid-stream", status=503)
+            if peer.path is not None and dl.path is None:
+                dl.path, dl.size = peer.path, peer.size
+                dl.started.set()
+            if dl.path is not None:
+                try:
+                    written = os.stat(dl.path).st_size
+                except FileNotFoundError:
+                    written = dl.written
+                if written != dl.written:
+                    dl.written = written
+                    last_progress = loop.time()
+                    dl.notify()
+            if loop.time() - last_progress > idle_limit:
+                raise OCIError("UNAVAILABLE", "peer fetch made no progress", status=503)
+            await asyncio.sleep(PEER_POLL)
+
+    async def _download(self, dl: Download, claim: InflightClaim) -> None:
         target, digest = dl.target, dl.digest
         client = self._upstreams[target.upstream]
         started = time.monotonic()
@@ -272,6 +368,7 @@ class BlobService:
                     if resp.status != 200:
                         raise await relay_error(resp, "BLOB_UNKNOWN")
                     dl.size = resp.content_length
+                    claim.publish(w.local_path, dl.size)
                     dl.started.set()
                     log.info("blob.fetch_started", upstream=target.upstream,
                              repository=target.repository, digest=str(digest), size=dl.size)
@@ -314,22 +411,11 @@ class BlobService:
                      digest=str(digest), bytes=dl.written,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
         except OCIError as exc:
-            dl.error = exc
-            log.warning("blob.fetch_failed", upstream=target.upstream,
-                        repository=target.repository, digest=str(digest), error=exc.code,
-                        message=exc.message, bytes=dl.written)
-        except asyncio.CancelledError:
-            dl.error = OCIError("UNAVAILABLE", "mirror shutting down", status=503)
+            with contextlib.suppress(OSError):
+                claim.fail({"code": exc.code, "message": exc.message, "status": exc.status})
             raise
-        except Exception as exc:
-            dl.error = OCIError("UNKNOWN", "blob fetch failed", status=500)
-            log.exception("blob.fetch_crashed", digest=str(digest), error=type(exc).__name__)
         finally:
-            if self._downloads.get(digest) is dl:
-                del self._downloads[digest]
-            dl.started.set()
-            dl.finished.set()
-            dl.notify()
+            claim.release(done=dl.done)
 
     def _storage_failed(self, exc: Exception) -> None:
         self._bypass_until = time.monotonic() + BYPASS_SECONDS

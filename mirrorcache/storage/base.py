@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from mirrorcache.oci.reference import Digest
 
@@ -38,6 +38,28 @@ class BlobInfo:
 
     digest: Digest
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFetch:
+    """What another process on this host said of its in-flight fetch of a digest."""
+
+    alive: bool
+    path: Path | None = None
+    size: int | None = None
+    error: dict[str, Any] | None = None
+
+
+class InflightClaim(Protocol):
+    """This process's exclusive claim on fetching a digest, visible to other processes."""
+
+    def publish(self, spool: Path, size: int | None) -> None:
+        """Say where the bytes land and how many there will be."""
+
+    def fail(self, error: dict[str, Any]) -> None:
+        """Say why the fetch failed (OCI code, message, status)."""
+
+    def release(self, *, done: bool) -> None: ...
 
 
 class BlobWriter(Protocol):
@@ -89,3 +111,9 @@ class BlobStore(Protocol):
 
     async def cleanup_temp(self) -> int:
         """Remove temporary files left by a crash; return how many."""
+
+    def claim(self, digest: Digest) -> InflightClaim | None:
+        """Claim the fetch of a digest for this process (None: another process has it)."""
+
+    def peer_fetch(self, digest: Digest) -> PeerFetch:
+        """What another process's claim on a digest says."""

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from mirrorcache.oci.reference import DIGEST_ALGORITHMS, Digest
 from mirrorcache.storage import keys
-from mirrorcache.storage.base import BlobInfo, BlobNotFound, DigestMismatch, StorageError
+from mirrorcache.storage.base import (
+    BlobInfo,
+    BlobNotFound,
+    DigestMismatch,
+    PeerFetch,
+    StorageError,
+)
 
 log = structlog.get_logger("mirrorcache.storage")
 
@@ -96,6 +106,37 @@ class FsBlobWriter:
         self._close_fd()
         self.finished = True
         self._unlink()
+
+
+class FsInflightClaim:
+    """A flock-based claim: this process fetches a digest; other processes on the host tail its
+    spool file.
+
+    The claim is an exclusive ``flock`` on ``tmp/<alg>-<hex>.lock``, released by closing the
+    file (or by the kernel when the process dies); the file's content says where the spool
+    file is and how large the blob will be, or why the fetch failed.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def publish(self, spool: Path, size: int | None) -> None:
+        self._write({"path": str(spool), "size": size})
+
+    def fail(self, error: dict[str, Any]) -> None:
+        self._write({"error": error})
+
+    def release(self, *, done: bool) -> None:
+        if done:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+        os.close(self._fd)
 
 
 class FilesystemBlobStore:
@@ -184,6 +225,50 @@ class FilesystemBlobStore:
                 for name, size in entries:
                     if len(name) == hexlen:
                         yield BlobInfo(Digest(algorithm, name), size)
+
+    def _lock_path(self, digest: Digest) -> Path:
+        return self.root / keys.TMP_DIR / (keys.temp_prefix(digest) + "lock")
+
+    def claim(self, digest: Digest) -> FsInflightClaim | None:
+        """Claim the fetch of ``digest`` for this process, or None if another process has it."""
+        path = self._lock_path(digest)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"claim {digest}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        return FsInflightClaim(fd, path)
+
+    def peer_fetch(self, digest: Digest) -> PeerFetch:
+        """Look at another process's claim on ``digest`` (alive=False when nobody holds it)."""
+        try:
+            fd = os.open(self._lock_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return PeerFetch(alive=False)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                alive = False
+            except BlockingIOError:
+                alive = True
+            raw = os.pread(fd, 65536, 0)
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {}
+        return PeerFetch(
+            alive=alive,
+            path=Path(doc["path"]) if isinstance(doc.get("path"), str) else None,
+            size=doc.get("size") if isinstance(doc.get("size"), int) else None,
+            error=doc.get("error") if isinstance(doc.get("error"), dict) else None,
+        )
 
     async def cleanup_temp(self) -> int:
         removed = 0

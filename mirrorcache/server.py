@@ -1,0 +1,125 @@
+"""Running the app: one process, or a supervisor with N worker processes on one port.
+
+Workers bind the same address with SO_REUSEPORT, so the kernel spreads connections over all
+cores. They share the cache directory; a blob fetch in flight in one worker is claimed with a
+lock file that the other workers tail (see storage/fs.py), so coalescing holds across them.
+The supervisor cleans crash leftovers once before any worker starts, forwards SIGTERM/SIGINT
+(graceful stop) and SIGHUP (reload) to the workers, and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import ssl
+import sys
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from mirrorcache.app import create_app
+from mirrorcache.config import Config
+from mirrorcache.log import configure_logging
+from mirrorcache.storage.fs import FilesystemBlobStore
+
+log = structlog.get_logger("mirrorcache.server")
+
+#: A worker that dies sooner than this after its start is restarted only after a pause.
+RESTART_BACKOFF = 1.0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (the ``speed`` extra), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    tls = getattr(config, "tls", None)
+    if tls is None:
+        return None
+    tls_module = importlib.import_module("mirrorcache.tls")
+    ctx: ssl.SSLContext | None = tls_module.server_ssl_context(tls)
+    return ctx
+
+
+def serve_one(config: Config, *, worker: int | None = None) -> None:
+    """Run the app in this process until SIGTERM/SIGINT (graceful: in-flight pulls finish
+    within ``shutdown_grace``)."""
+    configure_logging(config.log.level, config.log.format)
+    app = create_app(config, clean_temp=worker is None)
+    kwargs: dict[str, Any] = {}
+    if worker is not None:
+        kwargs["reuse_port"] = True
+        structlog.contextvars.bind_contextvars(worker=worker)
+    web.run_app(app, host=config.listen_host, port=config.listen_port, access_log=None,
+                print=None, shutdown_timeout=config.shutdown_grace,
+                ssl_context=_ssl_context(config), loop=_new_loop(), **kwargs)
+
+
+def _worker_main(config: Config, index: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns ^C into SIGTERM
+    serve_one(config, worker=index)
+
+
+def serve(config: Config) -> int:
+    """Serve with ``config.workers`` processes; returns the exit code."""
+    if config.workers <= 1:
+        serve_one(config)
+        return 0
+    configure_logging(config.log.level, config.log.format)
+    asyncio.run(FilesystemBlobStore(config.storage.filesystem.path).cleanup_temp())
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    started: dict[int, float] = {}
+    stopping = False
+
+    def start(index: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(config, index), name=f"mirrorcache-{index}",
+                        daemon=False)
+        p.start()
+        procs[index] = p
+        started[index] = time.monotonic()
+        log.info("server.worker_started", worker=index, pid=p.pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for p in procs.values():
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(config.workers):
+        start(i)
+    log.info("server.started", workers=config.workers,
+             listen=f"{config.listen_host}:{config.listen_port}")
+    while procs:
+        multiprocessing.connection.wait([p.sentinel for p in procs.values()], timeout=1.0)
+        for index, p in list(procs.items()):
+            if p.is_alive():
+                continue
+            del procs[index]
+            if stopping:
+                continue
+            log.error("server.worker_died", worker=index, exitcode=p.exitcode)
+            if time.monotonic() - started[index] < RESTART_BACKOFF:
+                time.sleep(RESTART_BACKOFF)
+            start(index)
+    log.info("server.stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: mirrorcache serve")
