@@ -216,7 +216,7 @@ async def test_storage_failure_bypasses_cache(tmp_path: Path, registry: Registry
     img = make_image([200_000, 3000], media="oci")
     await push_image(registry.url, unique_repo, img, "v1")
     store = FailingStore(tmp_path / "cache")
-    async with mirror_via_proxy(tmp_path, registry.url, store=store) as (mirror, proxy):
+    async with mirror_via_proxy(tmp_path, registry.url, store=store) as (mirror, _proxy):
         with capture_logs() as logs:
             out = await skopeo_copy(f"docker://{mirror.host}/{unique_repo}:v1", tmp_path / "a")
         assert copied_blob_digests(out.dest_dir) == set(img.blob_digests)

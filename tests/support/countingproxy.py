@@ -29,7 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 Kind = Literal["base", "catalog", "blob", "upload", "manifest", "tags", "referrers", "other"]
-Action = Literal["status", "hang", "drop_after", "corrupt"]
+Action = Literal["status", "hang", "drop_after", "corrupt", "slow"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -170,6 +170,19 @@ class Fault:
     ) -> Fault:
         """Forward with the body byte at ``offset`` inverted (length unchanged)."""
         return cls("corrupt", method, kind, path, times, offset=offset)
+
+    @classmethod
+    def slow(
+        cls,
+        seconds_per_chunk: float,
+        *,
+        method: str | None = None,
+        kind: Kind | None = None,
+        path: str | None = None,
+        times: int | None = 1,
+    ) -> Fault:
+        """Forward, sleeping ``seconds_per_chunk`` before each body chunk (a slow upstream)."""
+        return cls("slow", method, kind, path, times, seconds=seconds_per_chunk)
 
     @property
     def exhausted(self) -> bool:
@@ -349,6 +362,8 @@ class CountingProxy:
                         await response.write(chunk[: max(fault.nbytes - sent, 0)])
                         await _drop(request)
                         return response
+                if fault is not None and fault.action == "slow":
+                    await asyncio.sleep(fault.seconds)
                 await response.write(chunk)
                 sent += len(chunk)
             await response.write_eof()

@@ -92,7 +92,7 @@ async def run_skopeo(
     args: Sequence[str],
     *,
     global_args: Sequence[str] = (),
-    timeout: float = 120,  # noqa: ASYNC109 - subprocess deadline, enforced with wait_for
+    timeout: float = 120,
 ) -> tuple[bytes, str]:
     """Run ``skopeo <global flags> args``; return (stdout bytes, stderr) or raise SkopeoError."""
     binary = skopeo_binary()
@@ -133,7 +133,7 @@ async def skopeo_copy(
     dest_format: Literal["dir", "oci"] = "dir",
     override_arch: str | None = None,
     extra: Sequence[str] = (),
-    timeout: float = 120,  # noqa: ASYNC109 - subprocess deadline, enforced with wait_for
+    timeout: float = 120,
 ) -> CompletedCopy:
     """``skopeo copy [--all] --preserve-digests <src_ref> dir:<dest_dir>``.
 
@@ -166,7 +166,7 @@ async def skopeo_inspect_raw(
     *,
     creds: tuple[str, str] | None = None,
     tls_verify: bool = False,
-    timeout: float = 60,  # noqa: ASYNC109 - subprocess deadline, enforced with wait_for
+    timeout: float = 60,
 ) -> bytes:
     """``skopeo inspect --raw``: the manifest bytes exactly as served."""
     if "://" not in ref:
