@@ -10,13 +10,18 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from mirrorcache.api.access import POLICY
 from mirrorcache.api.handlers import add_routes
 from mirrorcache.api.middleware import access_log_middleware
 from mirrorcache.api.services import SERVICES, Services
+from mirrorcache.auth.authenticator import Authenticator
+from mirrorcache.auth.limiter import FailedLoginLimiter
+from mirrorcache.auth.middleware import CLIENT_AUTH, ClientAuth, client_auth_middleware
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
 from mirrorcache.errors import error_middleware
 from mirrorcache.metrics import Metrics
+from mirrorcache.policy_reload import PolicyHolder, policy_reloading
 from mirrorcache.proxy.blobs import BlobService
 from mirrorcache.proxy.manifests import ManifestService
 from mirrorcache.proxy.passthrough import PassthroughService
@@ -40,12 +45,23 @@ def create_app(config: Config, *, clean_temp: bool = True,
     ``store`` replaces the configured blob store (tests inject failing stores here).
     """
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware],
+        middlewares=[access_log_middleware, error_middleware, client_auth_middleware],
         client_max_size=1024 * 1024,
         handler_args={"max_line_size": 8190, "max_field_size": 8190},
     )
     app[CONFIG] = config
+    app[CLIENT_AUTH] = ClientAuth(
+        enabled=config.auth.enabled, realm=config.auth.realm,
+        authenticator=Authenticator(config.auth.users, config.auth.tokens, config.auth.groups),
+        limiter=FailedLoginLimiter(config.auth.max_failed_logins,
+                                   config.auth.failed_login_window),
+    )
+    app[POLICY] = PolicyHolder(config.policy.policy, config.policy.file)
     add_routes(app)
+
+    async def policy_reload(app: web.Application) -> AsyncIterator[None]:
+        async with policy_reloading(app[POLICY], config.policy.reload_interval):
+            yield
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         blob_store: BlobStore = store or FilesystemBlobStore(config.storage.filesystem.path)
@@ -98,4 +114,5 @@ def create_app(config: Config, *, clean_temp: bool = True,
             log.info("app.stopped")
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(policy_reload)
     return app

@@ -68,6 +68,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if report.bad and not args.repair else 0
 
 
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    """Print the decision for one image reference and the rule that made it."""
+    from mirrorcache.auth.identity import Identity
+    from mirrorcache.errors import OCIError
+    from mirrorcache.policy import load_policy_file
+    from mirrorcache.proxy.routing import Router
+
+    try:
+        config = load_config(_config_path(args))
+        policy = (load_policy_file(args.policy_file) if args.policy_file
+                  else config.policy.policy)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    name, tag = split_image_reference(args.reference)
+    try:
+        target = Router(config.upstreams, config.default_upstream).resolve(name)
+    except OCIError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    identity = None
+    if args.user:
+        groups = {g for g, members in config.auth.groups.items() if args.user in members}
+        identity = Identity(args.user, frozenset(groups) | frozenset(args.group))
+    decision = policy.decide(identity, target.upstream, target.repository, tag,
+                             auth_enabled=config.auth.enabled)
+    who = identity.name if identity else "anonymous"
+    what = f"{target}:{tag}" if tag else f"{target} (by digest)"
+    print(f"{'allow' if decision.allowed else 'deny'} {what} for {who}: {decision.reason}")
+    return 0 if decision.allowed else 1
+
+
+def split_image_reference(ref: str) -> tuple[str, str | None]:
+    """``name[:tag][@digest]`` -> (name, tag); a digest reference yields tag None."""
+    name = ref.split("@", 1)[0]
+    if "@" in ref:
+        return name.rsplit(":", 1)[0] if name.rfind(":") > name.rfind("/") else name, None
+    if name.rfind(":") > name.rfind("/"):
+        name, tag = name.rsplit(":", 1)
+        return name, tag
+    return name, "latest"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrorcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
     verify.add_argument("--repair", action="store_true", help="delete blobs that do not match")
     verify.set_defaults(func=cmd_verify)
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    ptest = policy_sub.add_parser(
+        "test", help="show whether an image may be pulled, and which rule decides",
+        description="Exit status: 0 allowed, 1 denied, 2 error.")
+    ptest.add_argument("reference", help="e.g. docker.io/library/alpine:3.19, alpine, "
+                       "quay.io/org/app@sha256:...")
+    ptest.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    ptest.add_argument("--policy-file", help="test this policy file instead of the config's")
+    ptest.add_argument("--user", help="decide for this authenticated user (default: anonymous)")
+    ptest.add_argument("--group", action="append", default=[],
+                       help="extra group for --user (groups from auth.groups are added)")
+    ptest.set_defaults(func=cmd_policy_test)
     return parser
 
 

@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirrorcache.auth.credentials import parse_htpasswd, parse_tokens
+from mirrorcache.policy import Policy, load_policy_file, parse_policy
+
 _MISSING: Any = object()
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -197,6 +200,36 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Which repositories may be pulled: inline rules, or rules from ``file`` (reloadable)."""
+
+    policy: Policy = field(default_factory=Policy)
+    file: Path | None = None
+    reload_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication (off: anonymous read). Secrets are read once, at load time."""
+
+    enabled: bool = False
+    realm: str = "mirrorcache"
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    max_failed_logins: int = 10
+    failed_login_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Serve HTTPS with this certificate chain and key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole mirrorcache configuration."""
 
@@ -208,6 +241,9 @@ class Config:
     log: LogConfig = LogConfig()
     workers: int = 1
     shutdown_grace: float = 30.0
+    policy: PolicyConfig = PolicyConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
 
 
 DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
@@ -279,6 +315,89 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
     return up
 
 
+def _parse_policy(sec: _Section) -> PolicyConfig:
+    """``policy: {default, rules}`` inline, or ``policy: {file, reload_interval}``."""
+    extra = ("file", "reload_interval")
+    sec.used.update(("default", "rules", *extra))
+    file = sec.text("file", None)
+    interval = sec.duration("reload_interval", 2.0)
+    if file is None:
+        return PolicyConfig(parse_policy(sec.data, sec.path, sec.problems, extra_keys=extra),
+                            None, interval)
+    for name in ("rules", "default"):
+        if sec.has(name):
+            sec.problem(name, "set either policy.file or inline rules/default, not both")
+    try:
+        policy = load_policy_file(file)
+    except ConfigError as exc:
+        sec.problems.extend(f"{sec.key('file')}: {p}" for p in exc.problems)
+        policy = Policy()
+    return PolicyConfig(policy, Path(file), interval)
+
+
+def _read_credentials(sec: _Section, name: str, environ: Mapping[str, str]) -> str | None:
+    """Text of the file at ``sec[name]`` (or of the env var, for ``*_env`` keys)."""
+    value = sec.text(name, None)
+    if value is None:
+        return None
+    if name.endswith("_env"):
+        if value not in environ:
+            sec.problem(name, f"environment variable {value} is not set")
+            return None
+        return environ[value]
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        sec.problem(name, f"cannot read file: {exc.strerror}")
+        return None
+
+
+def _parse_auth(sec: _Section, environ: Mapping[str, str]) -> AuthConfig:
+    enabled = sec.flag("enabled", False)
+    users: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    text = _read_credentials(sec, "htpasswd", environ)
+    if text is not None:
+        users = parse_htpasswd(text, sec.key("htpasswd"), sec.problems)
+    for name in ("tokens_file", "tokens_env"):
+        text = _read_credentials(sec, name, environ)
+        if text is not None:
+            tokens.update(parse_tokens(text, sec.key(name), sec.problems))
+    groups: dict[str, frozenset[str]] = {}
+    groups_sec = sec.section("groups")
+    for group in list(groups_sec.data):
+        groups[str(group)] = frozenset(groups_sec.str_list(group))
+    if enabled and not users and not tokens:
+        sec.problem("enabled", "no users: set htpasswd, tokens_file or tokens_env")
+    cfg = AuthConfig(
+        enabled=enabled,
+        realm=sec.text("realm", "mirrorcache"),
+        users=users,
+        tokens=tokens,
+        groups=groups,
+        max_failed_logins=sec.integer("max_failed_logins", 10, 0, 1_000_000),
+        failed_login_window=sec.duration("failed_login_window", 60.0),
+    )
+    if '"' in cfg.realm or "\\" in cfg.realm:
+        sec.problem("realm", "must not contain quotes or backslashes")
+    sec.finish()
+    return cfg
+
+
+def _parse_tls(sec: _Section) -> TlsConfig | None:
+    if not sec.data:
+        sec.finish()
+        return None
+    paths = {}
+    for name in ("cert", "key"):
+        value = sec.text(name)
+        if isinstance(value, str) and not Path(value).is_file():
+            sec.problem(name, f"no such file: {value}")
+        paths[name] = Path(value or "")
+    sec.finish()
+    return TlsConfig(paths["cert"], paths["key"])
+
+
 _UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|localhost(:\d+)?")
 
 
@@ -329,6 +448,15 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
     )
     log_sec.finish()
 
+    policy_cfg = _parse_policy(root.section("policy"))
+    auth_cfg = _parse_auth(root.section("auth"), environ)
+    if not auth_cfg.enabled:
+        for rule in policy_cfg.policy.rules:
+            if rule.users or rule.groups:
+                root.problem("policy", f"{rule.text} names users or groups, but auth is not "
+                             "enabled (every caller is anonymous)")
+    tls_cfg = _parse_tls(root.section("tls"))
+
     cfg = Config(
         listen_host=host,
         listen_port=port,
@@ -338,6 +466,9 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         log=log_cfg,
         workers=root.integer("workers", 1, 1, 64),
         shutdown_grace=root.duration("shutdown_grace", 30.0),
+        policy=policy_cfg,
+        auth=auth_cfg,
+        tls=tls_cfg,
     )
     root.finish()
     if problems:

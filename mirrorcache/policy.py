@@ -8,9 +8,10 @@ segments (zero included), and an optional ``:tagglob`` restricts a rule to tags
 manifests by digest, tag lists, referrers); a rule without one matches every tag and digest
 of the repositories it names. The default is ``deny`` as soon as any rule exists.
 
-Subjects: a rule without ``users``/``groups`` applies to every authenticated caller (and to
-everyone when client authentication is off); ``users``/``groups`` narrow it to those
-identities; ``anonymous: true`` lets it also apply to callers who sent no credentials.
+Subjects: ``users``/``groups`` narrow a rule to those identities; ``anonymous: true`` makes it
+also apply to callers who sent no credentials. A rule naming nobody applies to everybody,
+except that with client authentication on, an ``allow`` without ``anonymous: true`` does not
+let anonymous callers in (a ``deny`` naming nobody does shut everybody out).
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ class Rule:
         if identity is None:
             if self.anonymous:
                 return True
-            return not auth_enabled and not self.users and not self.groups
+            if self.users or self.groups:
+                return False
+            # A deny without subjects is for everybody; an allow grants anonymous callers
+            # access only when it says so (or when nobody authenticates at all).
+            return self.action == "deny" or not auth_enabled
         if not self.users and not self.groups:
             return True
         return identity.name in self.users or not self.groups.isdisjoint(identity.groups)
@@ -143,7 +148,9 @@ def compile_pattern(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | No
         raise ValueError(f"{pattern!r}: expected <upstream>/<repository>, e.g. "
                          "docker.io/library/* or quay.io/org/**")
     out = []
-    for seg in segments:
+    for i, seg in enumerate(segments):
+        if i > 0 and ":" in seg:
+            raise ValueError(f"{pattern!r}: ':' may only follow the repository, as :tagglob")
         if seg == "**":
             out.append(r"(?:/[^/]+)*")
             continue
@@ -156,8 +163,6 @@ def compile_pattern(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | No
                              "repository name can contain (names are lower case)")
         body = "".join("[^/]*" if c == "*" else re.escape(c) for c in seg)
         out.append("/" + (r"[^/]+" if seg == "*" else body))
-    if segments[0] == "**" and len(segments) == 1:
-        raise ValueError(f"{pattern!r}: use **/** style patterns with an upstream part")
     tag_re = None
     if tag_part is not None:
         if not _TAG_GLOB_RE.fullmatch(tag_part):
@@ -255,6 +260,10 @@ def load_policy_file(path: str | Path) -> Policy:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     problems: list[str] = []
+    if not isinstance(data, Mapping) or "rules" not in data:
+        # An empty or truncated file must not silently become "allow everything".
+        problems.append("rules is required (write rules: [] and default: allow to allow "
+                        "everything)")
     policy = parse_policy(data, "", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])

@@ -10,10 +10,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mirrorcache.api.access import enforce_policy
 from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import OCIError
-from mirrorcache.oci.reference import Digest, Reference
+from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
 from mirrorcache.proxy.blobs import CachedBlob, DownloadFailed, InflightBlob, PassthroughBlob
 from mirrorcache.proxy.passthrough import paginate_tags
 from mirrorcache.proxy.routing import Target
@@ -41,6 +42,14 @@ async def v2(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     target = services.router.resolve(path.name, request.query.get("ns"))
     request[TARGET_KEY] = target
+    # Policy before anything touches the cache or an upstream: tag rules apply only when a
+    # tag is resolved; digests, blobs, tag lists and referrers follow the repository rule.
+    by_tag = path.kind == "manifest" and not is_digest(path.reference)
+    if by_tag:
+        validate_tag(path.reference)
+    elif path.kind != "tags":
+        Digest.parse(path.reference)
+    enforce_policy(request, target, path.reference if by_tag else None)
     if path.kind == "manifest":
         return await _manifest(request, target, path)
     if path.kind == "blob":

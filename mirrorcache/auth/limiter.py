@@ -1,0 +1,55 @@
+"""Failed logins per client address, in a sliding window, owned by the app."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+
+class FailedLoginLimiter:
+    """After ``limit`` failed logins from one address within ``window`` seconds, that
+    address is refused until the oldest failure leaves the window.
+
+    Memory is bounded: at most ``max_addresses`` addresses are tracked (least recently
+    failing dropped first).
+    """
+
+    def __init__(self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic,
+                 max_addresses: int = 65536) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._max = max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        cutoff = self._clock() - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def retry_after(self, address: str) -> float | None:
+        """Seconds until ``address`` may try again, or None if it is not limited."""
+        if self.limit <= 0:
+            return None
+        times = self._recent(address)
+        if times is None or len(times) < self.limit:
+            return None
+        return max(times[0] + self.window - self._clock(), 0.001)
+
+    def failure(self, address: str) -> None:
+        """Record one failed login from ``address``."""
+        times = self._recent(address)
+        if times is None:
+            times = self._failures[address] = deque(maxlen=max(self.limit, 1))
+        self._failures.move_to_end(address)
+        times.append(self._clock())
+        while len(self._failures) > self._max:
+            self._failures.popitem(last=False)

@@ -1,0 +1,87 @@
+"""The client-authentication middleware: who is calling, or a 401/429 before anything else.
+
+With ``auth.enabled`` off every request is anonymous and nothing is checked. With it on:
+
+* wrong or malformed credentials: ``401 UNAUTHORIZED`` with ``WWW-Authenticate: Basic``
+  (logged as ``auth.failed`` and counted against the client address);
+* an address over its failed-login budget: ``429 TOOMANYREQUESTS`` with ``Retry-After`` for
+  any request carrying credentials (logged as ``auth.rate_limited``);
+* no credentials on the ``/v2/`` ping: ``401`` with the challenge, so ``docker login`` and
+  clients that hold credentials learn to send them;
+* no credentials elsewhere: the request goes on as anonymous and the policy decides (an
+  anonymous caller refused by policy gets the 401 challenge, not 403, so containerd, which
+  does not ping ``/v2/`` first, retries with its credentials).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from mirrorcache.auth.authenticator import Authenticator, BadCredentials, parse_authorization
+from mirrorcache.auth.identity import Identity
+from mirrorcache.auth.limiter import FailedLoginLimiter
+from mirrorcache.errors import Handler, OCIError
+
+log = structlog.get_logger("mirrorcache.auth")
+
+IDENTITY_KEY = "mc.identity"
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """Everything the middleware needs, hung off the app under :data:`CLIENT_AUTH`."""
+
+    enabled: bool
+    realm: str
+    authenticator: Authenticator
+    limiter: FailedLoginLimiter
+
+
+CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
+
+
+def unauthorized(realm: str, message: str = "authentication required") -> OCIError:
+    """The 401 every client understands as "send your credentials"."""
+    return OCIError("UNAUTHORIZED", message,
+                    headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'})
+
+
+def request_identity(request: web.Request) -> Identity | None:
+    """The caller's identity (None: anonymous), as set by :func:`client_auth_middleware`."""
+    identity = request.get(IDENTITY_KEY)
+    return identity if isinstance(identity, Identity) else None
+
+
+def _is_ping(path: str) -> bool:
+    return path in ("/v2", "/v2/")
+
+
+@web.middleware
+async def client_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    auth = request.app.get(CLIENT_AUTH)
+    request[IDENTITY_KEY] = None
+    if auth is None or not auth.enabled or not request.path.startswith("/v2"):
+        return await handler(request)
+    address = request.remote or "unknown"
+    header = request.headers.get("Authorization")
+    try:
+        creds = parse_authorization(header)
+        if creds is not None:
+            wait = auth.limiter.retry_after(address)
+            if wait is not None:
+                log.warning("auth.rate_limited", client=address, retry_after=round(wait, 1))
+                seconds = max(int(wait + 0.999), 1)
+                raise OCIError("TOOMANYREQUESTS", "too many failed logins from this address; "
+                               f"retry in {seconds}s", headers={"Retry-After": str(seconds)})
+            request[IDENTITY_KEY] = await auth.authenticator.verify(creds)
+    except BadCredentials as exc:
+        auth.limiter.failure(address)
+        log.warning("auth.failed", client=address, user=(exc.user or "")[:128],
+                    reason=exc.reason, path=request.path[:256])
+        raise unauthorized(auth.realm, "invalid credentials") from None
+    if request[IDENTITY_KEY] is None and _is_ping(request.path):
+        raise unauthorized(auth.realm)
+    return await handler(request)
