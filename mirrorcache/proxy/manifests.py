@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 import structlog
+from cachetools import LRUCache
 
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import UpstreamConfig
@@ -23,6 +24,11 @@ from mirrorcache.storage.metadata import Metadata, TagRecord
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
+
+#: Bytes of manifests kept in memory per process.
+MEMO_BYTES = 32 * 1024 * 1024
+#: Tag records kept in memory per process.
+TAG_MEMO = 20000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,10 @@ class ManifestService:
         self._coalescer = coalescer
         self._metrics = metrics
         self._background: set[asyncio.Task[object]] = set()
+        # Manifests are immutable and small: the hot ones stay in memory (bounded in bytes).
+        self._memo: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
+            maxsize=MEMO_BYTES, getsizeof=lambda v: len(v[0]) + 200)
+        self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=TAG_MEMO)
 
     async def get(self, target: Target, ref: Reference, accept: str | None, *,
                   head: bool) -> ManifestResult:
@@ -65,12 +75,28 @@ class ManifestService:
 
     # -- cache helpers
     async def _cached(self, digest: Digest, cache: str) -> ManifestResult | None:
+        memo = self._memo.get(digest)
+        if memo is not None:
+            body, mt = memo
+            return ManifestResult(digest, mt, len(body), body, cache)
         try:
             body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
         except StorageError:
             return None
         mt = self._meta.get_media_type(digest) or media.sniff_media_type(body)
+        self._memo[digest] = (body, mt)
         return ManifestResult(digest, mt, len(body), body, cache)
+
+    def _tag_record(self, target: Target, tag: str, ttl: float) -> TagRecord | None:
+        """The tag record: from memory while fresh, else from the shared metadata store
+        (another worker may have refreshed it)."""
+        key = (target.upstream, target.repository, tag)
+        rec = self._tags.get(key)
+        if rec is None or rec.age() >= ttl:
+            rec = self._meta.get_tag(target.upstream, target.repository, tag)
+            if rec is not None:
+                self._tags[key] = rec
+        return rec
 
     async def _store_manifest(self, target: Target, digest: Digest, body: bytes,
                               media_type: str) -> None:
@@ -110,7 +136,7 @@ class ManifestService:
     async def _by_tag(self, target: Target, tag: str, accept: str | None, *,
                       head: bool) -> ManifestResult:
         cfg = self._configs[target.upstream]
-        rec = self._meta.get_tag(target.upstream, target.repository, tag)
+        rec = self._tag_record(target, tag, cfg.tag_ttl)
         if rec is not None:
             age = rec.age()
             fresh = age < cfg.tag_ttl or cfg.offline
@@ -194,6 +220,7 @@ class ManifestService:
 
     async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
         rec = TagRecord(result.digest, result.media_type, result.size, time.time())
+        self._tags[(target.upstream, target.repository, tag)] = rec
         try:
             await self._meta.set_tag(target.upstream, target.repository, tag, rec)
         except Exception as exc:
