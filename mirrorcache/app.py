@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from mirrorcache.api.access import POLICY
+from mirrorcache.api.guard import request_guard_middleware
 from mirrorcache.api.handlers import add_routes
 from mirrorcache.api.middleware import access_log_middleware
 from mirrorcache.api.services import SERVICES, Services
@@ -45,7 +46,8 @@ def create_app(config: Config, *, clean_temp: bool = True,
     ``store`` replaces the configured blob store (tests inject failing stores here).
     """
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware, client_auth_middleware],
+        middlewares=[access_log_middleware, error_middleware, request_guard_middleware,
+                     client_auth_middleware],
         client_max_size=1024 * 1024,
         handler_args={"max_line_size": 8190, "max_field_size": 8190},
     )
