@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -37,6 +38,19 @@ log = structlog.get_logger("mirrorcache.app")
 
 CONFIG = web.AppKey("config", Config)
 USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
+
+
+JANITOR_INTERVAL = 300.0
+
+
+async def _janitor(store: BlobStore) -> None:
+    """Periodically remove partial files orphaned by a crashed worker."""
+    while True:
+        await asyncio.sleep(JANITOR_INTERVAL)
+        try:
+            await store.cleanup_orphans()
+        except OSError as exc:
+            log.warning("storage.janitor_failed", error=str(exc))
 
 
 def create_app(config: Config, *, clean_temp: bool = True,
@@ -105,9 +119,12 @@ def create_app(config: Config, *, clean_temp: bool = True,
         )
         log.info("app.started", upstreams=sorted(config.upstreams),
                  storage=str(config.storage.filesystem.path))
+        janitor = asyncio.create_task(_janitor(blob_store))
         try:
             yield
         finally:
+            janitor.cancel()
+            await asyncio.gather(janitor, return_exceptions=True)
             await blobs.aclose()
             await manifests.aclose()
             await coalescer.aclose()

@@ -112,6 +112,9 @@ class BlobStore(Protocol):
     async def cleanup_temp(self) -> int:
         """Remove temporary files left by a crash; return how many."""
 
+    async def cleanup_orphans(self, min_age: float = 60.0) -> int:
+        """Remove temporary files that no live process is writing."""
+
     def claim(self, digest: Digest) -> InflightClaim | None:
         """Claim the fetch of a digest for this process (None: another process has it)."""
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -269,6 +270,28 @@ class FilesystemBlobStore:
             size=doc.get("size") if isinstance(doc.get("size"), int) else None,
             error=doc.get("error") if isinstance(doc.get("error"), dict) else None,
         )
+
+    async def cleanup_orphans(self, min_age: float = 60.0) -> int:
+        """Remove partial files no live process is writing (a worker that crashed mid-fetch),
+        while other processes keep running; files younger than ``min_age`` are left alone."""
+        removed = 0
+        now = time.time()
+        for entry in os.scandir(self.root / keys.TMP_DIR):
+            if not entry.name.endswith(keys.TMP_SUFFIX):
+                continue
+            alg, _, rest = entry.name.partition("-")
+            hexpart = rest.split(".", 1)[0]
+            try:
+                digest = Digest(alg, hexpart)
+                if now - entry.stat().st_mtime < min_age or self.peer_fetch(digest).alive:
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except (FileNotFoundError, ValueError):
+                continue
+        if removed:
+            log.info("storage.orphans_cleaned", files=removed)
+        return removed
 
     async def cleanup_temp(self) -> int:
         removed = 0
