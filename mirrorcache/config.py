@@ -6,6 +6,7 @@ environment; every problem is collected with its key path (``upstreams.quay.io.u
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -36,8 +37,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must not be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be a finite, non-negative number of seconds")
         return float(value)
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a duration such as 30s, 10m or 1h")
@@ -252,8 +253,10 @@ DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.d
 def parse_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[::1]:port`` / ``:port``."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:5000, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -261,7 +264,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 def _read_secret(sec: _Section, environ: Mapping[str, str]) -> str | None:
     sources = [k for k in ("password", "password_env", "password_file") if sec.has(k)]
     if len(sources) > 1:
+        for k in sources:
+            sec.raw(k, None)  # all read, so none is also reported as an unknown key
         sec.problem(sources[1], f"only one of {', '.join(sources)} may be set")
+        return None
     if sec.has("password_env"):
         var = sec.text("password_env")
         if var is not None and var not in environ:
@@ -287,6 +293,9 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
             sec.problem("url", f"expected an http(s) URL, got {url!r}")
         elif parts.path not in ("", "/") or parts.query:
             sec.problem("url", "must be a bare origin such as https://quay.io (no path)")
+        elif parts.username is not None or parts.password is not None:
+            sec.problem("url", "must not carry credentials: use username and password_env "
+                        "or password_file")
     username = sec.text("username", None)
     password = _read_secret(sec, environ)
     if password is not None and username is None:

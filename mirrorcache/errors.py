@@ -117,7 +117,7 @@ def error_from_upstream(status: int, body: bytes, default_code: str) -> OCIError
             code = first["code"]
         if isinstance(first.get("message"), str):
             message = first["message"][:500]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
         text = body[:300].decode("utf-8", "replace").strip()
         message = f"upstream answered {status}" + (f": {text}" if text else "")
     if status >= 500 and status != 503:

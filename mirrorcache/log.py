@@ -19,13 +19,27 @@ _SECRET_VALUES = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 REDACTED = "[REDACTED]"
 
 
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _SECRET_VALUES.sub(r"\1 " + REDACTED, value) if _SECRET_VALUES.search(value) \
+            else value
+    if depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k)
+                else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    return value
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Remove credentials and tokens from any event, whatever field they hide in."""
     for key, value in list(event.items()):
         if key != "event" and _SECRET_KEYS.search(key):
             event[key] = REDACTED
-        elif isinstance(value, str) and _SECRET_VALUES.search(value):
-            event[key] = _SECRET_VALUES.sub(r"\1 " + REDACTED, value)
+        else:
+            event[key] = _scrub(value)
     return event
 
 

@@ -12,8 +12,10 @@ from mirrorcache.oci.reference import validate_tag
 Kind = Literal["base", "manifest", "blob", "tags", "referrers"]
 
 # Everything a valid name, tag or digest can contain; anything else (%, .., \, ;) is refused.
-_SAFE_PATH_RE = re.compile(r"/v2/?[A-Za-z0-9._/:-]*")
+_SAFE_PATH_RE = re.compile(r"/v2(?:/[A-Za-z0-9._/:-]*)?")
 _REF_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
+_UPLOADS_RE = re.compile(r"/blobs/uploads(?:/|$)")
+_PAGE_RE = re.compile(r"[0-9]{1,6}")
 _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
 _MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/"
                             r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
@@ -41,9 +43,9 @@ def parse_v2_path(raw_path: str) -> V2Path:
     tail = raw_path[4:] if raw_path.startswith("/v2/") else ""
     if tail == "":
         return V2Path("base")
-    if "//" in tail or "/../" in f"/{tail}/" or "/./" in f"/{tail}/":
+    if "//" in raw_path or "/../" in f"/{tail}/" or "/./" in f"/{tail}/":
         raise OCIError("NAME_INVALID", "empty or relative path segment")
-    if "/blobs/uploads" in f"/{tail}":
+    if _UPLOADS_RE.search(f"/{tail}"):
         raise OCIError("UNSUPPORTED", "this mirror is read-only: uploads are not supported")
     m = _TAGS_RE.fullmatch(tail)
     if m is not None:
@@ -58,7 +60,7 @@ def parse_page(n: str | None, last: str | None) -> dict[str, str]:
     """Validated ``n`` and ``last`` of a tag listing."""
     params: dict[str, str] = {}
     if n is not None:
-        if not n.isdigit() or len(n) > 6 or not 0 <= int(n) <= MAX_PAGE:
+        if not _PAGE_RE.fullmatch(n) or not 0 <= int(n) <= MAX_PAGE:
             raise OCIError("PAGINATION_NUMBER_INVALID", f"n must be an integer 0..{MAX_PAGE}")
         params["n"] = str(int(n))
     if last is not None:

@@ -98,7 +98,7 @@ async def fetch_token(
     session: aiohttp.ClientSession,
     challenge: Challenge,
     scope: str,
-    basic: aiohttp.BasicAuth | None,
+    basic: str | None,
     ssl: object,
     timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109  aiohttp's per-request timeouts
 ) -> tuple[str, float]:
@@ -109,8 +109,9 @@ async def fetch_token(
     params = {"scope": scope}
     if "service" in challenge.params:
         params["service"] = challenge.params["service"]
-    async with session.get(realm, params=params, auth=basic, ssl=ssl, timeout=timeout,  # type: ignore[arg-type]
-                           allow_redirects=True) as resp:
+    headers = {"Authorization": basic} if basic else {}
+    async with session.get(realm, params=params, headers=headers, ssl=ssl,  # type: ignore[arg-type]
+                           timeout=timeout, allow_redirects=True) as resp:
         if resp.status != 200:
             log.warning("upstream.token_refused", realm=realm, status=resp.status, scope=scope)
             raise TokenError(resp.status, f"token endpoint answered {resp.status}")

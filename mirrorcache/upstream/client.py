@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -85,7 +87,7 @@ def retry_after_seconds(value: str | None, default: float) -> float:
     if not value:
         return default
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,10}", value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -108,9 +110,7 @@ class UpstreamClient:
             total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
             sock_read=cfg.read_timeout,
         )
-        self._basic = (
-            aiohttp.BasicAuth(cfg.username, cfg.password or "") if cfg.username else None
-        )
+        self._basic = basic_auth_header(cfg.username, cfg.password) if cfg.username else None
         self._tokens = TokenCache()
         self._bearer: Challenge | None = None  # last bearer challenge, for proactive tokens
         self._use_basic = False
@@ -152,7 +152,7 @@ class UpstreamClient:
                 return f"Bearer {cached}"
             return f"Bearer {await self._token_for(self._bearer, scope, fresh=False)}"
         if self._use_basic and self._basic is not None:
-            return self._basic.encode()
+            return self._basic
         return None
 
     async def _send(self, method: str, url: str, headers: CIMultiDict[str]
@@ -276,7 +276,7 @@ class UpstreamClient:
             hdrs["Authorization"] = f"Bearer {token}"
         elif basic is not None and self._basic is not None and not self._use_basic:
             self._use_basic = True
-            hdrs["Authorization"] = self._basic.encode()
+            hdrs["Authorization"] = self._basic
         else:
             return resp
         resp.release()
@@ -285,7 +285,7 @@ class UpstreamClient:
     async def _follow_redirects(self, method: str, url: str, hdrs: CIMultiDict[str],
                                 resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
         hops = 0
-        origin = urlsplit(url).netloc
+        origin = _origin(url)
         while resp.status in _REDIRECTS and "Location" in resp.headers and method in ("GET",
                                                                                       "HEAD"):
             hops += 1
@@ -295,12 +295,23 @@ class UpstreamClient:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise OCIError("UNKNOWN", f"upstream {self.name}: bad redirect", status=502)
             resp.release()
-            if urlsplit(url).netloc != origin:
-                # Object storage behind a redirect gets no registry credentials.
+            if _origin(url) != origin:
+                # Another origin (object storage, or a downgrade to http) gets no credentials.
                 hdrs = CIMultiDict((k, v) for k, v in hdrs.items() if k.lower() != "authorization")
-                origin = urlsplit(url).netloc
+                origin = _origin(url)
             resp = await self._send(method, url, hdrs)
         return resp
+
+
+def basic_auth_header(username: str, password: str | None) -> str:
+    """An ``Authorization: Basic`` value (RFC 7617, UTF-8)."""
+    raw = f"{username}:{password or ''}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def response_headers(resp: aiohttp.ClientResponse, names: tuple[str, ...]) -> dict[str, Any]:

@@ -156,9 +156,6 @@ def test_retry_after_seconds_forms() -> None:
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 5.0) == 0.0  # in the past
 
 
-@pytest.mark.xfail(strict=True, reason="BUG upstream/client.py retry_after_seconds: "
-                   "str.isdigit() accepts '²' but float() does not, so an upstream 429 with "
-                   "'Retry-After: ²' raises ValueError out of _send_once (client gets a 500)")
 def test_retry_after_seconds_superscript_digit() -> None:
     assert retry_after_seconds("²", 5.0) == 5.0
 
@@ -442,9 +439,6 @@ async def test_same_origin_redirect_keeps_authorization(
     assert reg.storage_requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG upstream/client.py _follow_redirects: credentials "
-                   "are dropped only when the netloc changes, so an https -> http redirect on "
-                   "the same host:port sends the Authorization header in clear text")
 async def test_scheme_downgrade_redirect_drops_authorization(
     session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

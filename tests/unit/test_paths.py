@@ -76,9 +76,6 @@ def test_hostile_or_unknown_paths(raw: str, code: str, status: int) -> None:
     assert (exc_info.value.code, exc_info.value.status) == (code, status)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG api/paths.py parse_v2_path: the '//' check looks "
-                   "only inside tail, so '/v2//a/manifests/x' parses with name '/a' (an empty "
-                   "first segment); latent: Router.resolve -> validate_name refuses it later")
 @pytest.mark.parametrize("raw", ["/v2//a/manifests/x", "/v2//library/alpine/tags/list"])
 def test_empty_segment_right_after_v2_is_refused(raw: str) -> None:
     with pytest.raises(OCIError) as exc_info:
@@ -86,19 +83,12 @@ def test_empty_segment_right_after_v2_is_refused(raw: str) -> None:
     assert exc_info.value.code == "NAME_INVALID"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG api/paths.py _SAFE_PATH_RE '/v2/?...': the slash "
-                   "after v2 is optional, so '/v2abc' and '/v2library/alpine/manifests/x' "
-                   "parse as the base endpoint (latent: add_routes does not route them today)")
 @pytest.mark.parametrize("raw", ["/v2abc", "/v2library/alpine/manifests/latest"])
 def test_v2_prefix_must_end_in_slash(raw: str) -> None:
     with pytest.raises(OCIError):
         parse_v2_path(raw)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG api/paths.py parse_v2_path: the uploads check is a "
-                   "substring test, so valid repository names with a component starting with "
-                   "'uploads' under 'blobs' (e.g. 'a/blobs/uploads-cache') are refused as "
-                   "UNSUPPORTED")
 def test_repository_named_like_uploads_is_not_an_upload() -> None:
     assert parse_v2_path("/v2/a/blobs/uploads-cache/manifests/latest") == V2Path(
         "manifest", "a/blobs/uploads-cache", "latest")
@@ -154,9 +144,6 @@ def test_parse_page_bad_last(last: str) -> None:
     assert exc_info.value.code == "TAG_INVALID"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG api/paths.py parse_page: str.isdigit() accepts "
-                   "'²' (so ?n=%C2%B2) but int() raises ValueError, which becomes a 500 "
-                   "instead of PAGINATION_NUMBER_INVALID")
 def test_parse_page_superscript_digit() -> None:
     with pytest.raises(OCIError) as exc_info:
         parse_page("²", None)
