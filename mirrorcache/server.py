@@ -10,12 +10,10 @@ The supervisor cleans crash leftovers once before any worker starts, forwards SI
 from __future__ import annotations
 
 import asyncio
-import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Any
@@ -27,6 +25,7 @@ from mirrorcache.app import create_app
 from mirrorcache.config import Config
 from mirrorcache.log import configure_logging
 from mirrorcache.storage.fs import FilesystemBlobStore
+from mirrorcache.tls import server_ssl_context
 
 log = structlog.get_logger("mirrorcache.server")
 
@@ -43,15 +42,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    tls = getattr(config, "tls", None)
-    if tls is None:
-        return None
-    tls_module = importlib.import_module("mirrorcache.tls")
-    ctx: ssl.SSLContext | None = tls_module.server_ssl_context(tls)
-    return ctx
-
-
 def serve_one(config: Config, *, worker: int | None = None) -> None:
     """Run the app in this process until SIGTERM/SIGINT (graceful: in-flight pulls finish
     within ``shutdown_grace``)."""
@@ -63,7 +53,7 @@ def serve_one(config: Config, *, worker: int | None = None) -> None:
         structlog.contextvars.bind_contextvars(worker=worker)
     web.run_app(app, host=config.listen_host, port=config.listen_port, access_log=None,
                 print=None, shutdown_timeout=config.shutdown_grace,
-                ssl_context=_ssl_context(config), loop=_new_loop(), **kwargs)
+                ssl_context=server_ssl_context(config.tls), loop=_new_loop(), **kwargs)
 
 
 def _worker_main(config: Config, index: int) -> None:
