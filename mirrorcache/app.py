@@ -22,6 +22,7 @@ from mirrorcache.auth.middleware import CLIENT_AUTH, ClientAuth, client_auth_mid
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
 from mirrorcache.errors import error_middleware
+from mirrorcache.log import ProtocolLogger
 from mirrorcache.metrics import Metrics
 from mirrorcache.policy_reload import PolicyHolder, policy_reloading
 from mirrorcache.proxy.blobs import BlobService
@@ -63,7 +64,8 @@ def create_app(config: Config, *, clean_temp: bool = True,
         middlewares=[access_log_middleware, error_middleware, request_guard_middleware,
                      client_auth_middleware],
         client_max_size=1024 * 1024,
-        handler_args={"max_line_size": 8190, "max_field_size": 8190},
+        handler_args={"max_line_size": 8190, "max_field_size": 8190,
+                      "logger": ProtocolLogger()},
     )
     app[CONFIG] = config
     app[CLIENT_AUTH] = ClientAuth(

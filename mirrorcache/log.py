@@ -67,3 +67,23 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+
+
+class ProtocolLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """For aiohttp's connection handler: malformed requests (bad request line, oversized or
+    invalid headers) become one ``http.protocol_error`` event, never a traceback, so hostile
+    clients cannot fill the logs with stack dumps."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("mirrorcache.http"), {})
+        self._events = structlog.get_logger("mirrorcache.http")
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if exc is True:
+            exc = sys.exc_info()[1]
+        error = (" ".join(str(exc).split())[:200] if isinstance(exc, BaseException) else None)
+        text = str(msg) % args if args else str(msg)
+        event = self._events.info if level >= logging.ERROR else self._events.debug
+        event("http.protocol_error", message=text[:200], error=error,
+              error_type=type(exc).__name__ if isinstance(exc, BaseException) else None)

@@ -84,3 +84,23 @@ def test_secrets_nested_in_containers_are_redacted() -> None:
     flat = repr(out)
     assert "tok-secret" not in flat
     assert "YWxpY2U6czNjcmV0" not in flat
+
+
+def test_protocol_errors_become_one_line_events() -> None:
+    from structlog.testing import capture_logs
+
+    from mirrorcache.log import ProtocolLogger
+
+    plog = ProtocolLogger()
+    with capture_logs() as logs:
+        try:
+            raise ValueError("400, message:\n  Invalid header token:\n    b'Bad\\x00'")
+        except ValueError:
+            plog.exception("Error handling request from %s", "127.0.0.1")
+    assert len(logs) == 1
+    event = logs[0]
+    assert event["event"] == "http.protocol_error"
+    assert event["message"] == "Error handling request from 127.0.0.1"
+    assert event["error_type"] == "ValueError"
+    assert "Invalid header token" in event["error"] and "\n" not in event["error"]
+    assert "exc_info" not in event and "exception" not in event
