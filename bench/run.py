@@ -1,0 +1,1377 @@
+#!/usr/bin/env python3
+"""mirrorcache benchmark: mirrorcache side by side with Distribution's proxy mode and nginx.
+
+Usage::
+
+    python bench/run.py [--quick] [--workers N] [--big-mib 1024] [--mid-mib 200]
+                        [--duration 10] [--reps 3] [--concurrency 50] [--clients 200]
+                        [--workdir DIR] [--keep] [--results PATH] [--json PATH]
+
+``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
+minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
+
+Everything runs on 127.0.0.1, as processes of this script, under a work directory
+(``bench/.work/run-<pid>``) that is removed at exit, Ctrl-C and errors included:
+
+* the **upstream**: a Distribution 2.8.2 registry (``docker-registry``) holding three
+  generated images, ``bench/big`` (one layer of ``--big-mib``), ``bench/mid`` (one layer of
+  ``--mid-mib``) and ``bench/small`` (24 layers of 4 KiB to 4 MiB). Layers are random bytes
+  (numpy's SFC64 generator, ~3 GB/s, else ``os.urandom``) written to files while hashing; each
+  is pushed with one monolithic ``PUT`` streaming the file. The upstream logs every request
+  as a JSON line (``log: {formatter: json}``; 2.8.2 writes ``"msg": "response completed"``
+  with ``http.request.method`` / ``http.request.uri`` / ``http.request.useragent`` at level
+  info, plus a combined-format line per request from ``accesslog``): requests that reach the
+  upstream are counted from that log, per measurement window, leaving out this script's own
+  client (User-Agent ``mirrorcache-bench``).
+* the **reference peer**: Distribution in proxy mode (``proxy: remoteurl:`` the upstream).
+* **nginx** serving the same blob files statically (``sendfile on``; ``worker_processes``
+  = ``--workers``), config, pid and logs in the work directory.
+* **mirrorcache**: ``python -m mirrorcache serve --config <yaml>`` with a filesystem cache in
+  the work directory (``workers: N`` only when ``--workers`` > 1). Fresh caches mean a new
+  process on an empty directory; mirrorcache and the peer are restarted that way before every
+  cold measurement.
+
+Clients: ``bench/fetch.py`` (one process, epoll, ``recv_into`` a 4 MiB buffer; reaches
+~3 GB/s from nginx on one stream, where curl stops near 2 GB/s) for blob pulls; ``wrk -t2 -c32``
+for manifest GETs; ``bench/loadgen.py`` (uvloop, 32 connections, matches wrk against nginx) for
+manifest HEADs, because wrk 4.1 hangs on HEAD. nginx measured with the same clients shows
+their ceiling. Every blob served by mirrorcache is sha256-checked at least once (the 50-way
+cold run hashes one of its streams: the in-flight path; the others are hashed warm).
+
+Measurements (ratio, goal): 1. cold pull of the big blob through mirrorcache / the peer vs
+straight from the upstream (>= 0.9x); 2. warm pull of it from mirrorcache vs nginx (>= 0.9x)
+and vs the peer warm (>= 1.0x); 3. ``--concurrency`` simultaneous cold GETs of the mid blob:
+upstream GETs for it (exactly 1) and wall time vs one cold pull (<= 1.3x); 4. manifest GET and
+HEAD by tag, 32 connections for ``--duration`` s: requests/s vs the peer (>= 2x) and upstream
+requests caused (0 within tag_ttl); 5. peak RSS of the mirrorcache process tree (VmHWM per
+process <= 150 MB; the sum is reported too); 6. ``--clients`` simultaneous warm pulls (10% the
+mid blob, the rest small blobs): zero errors and aggregate throughput vs nginx (>= 0.8x).
+Repeated single-stream figures are medians over ``--reps``.
+
+Prints a table (measure, mirrorcache, reference, ratio, goal, pass/fail) and writes it with
+the machine facts, per-process CPU seconds per measurement and upstream request breakdowns to
+``bench/RESULTS.md`` (full runs; ``--quick`` writes ``bench/.work/RESULTS-quick.md`` unless
+``--results`` says otherwise). ``--profile`` records mirrorcache with py-spy (if installed)
+during every measurement into ``<workdir>/profiles`` (use with ``--keep``).
+Exit status: 0 when the run completed (goals may fail), 1 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import aiohttp  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.support.images import MANIFEST_ACCEPT, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.registry import RegistryProcess  # noqa: E402
+
+MiB = 1 << 20
+CLIENT_UA = "mirrorcache-bench"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+WRK = shutil.which("wrk")
+PYSPY = shutil.which("py-spy")
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- test data
+
+@dataclass
+class BlobFile:
+    """A generated blob on disk (named by its hex digest, so nginx serves it as /<hex>)."""
+
+    path: Path
+    digest: str
+    size: int
+    media_type: str
+
+    @property
+    def hex(self) -> str:
+        return self.digest.split(":", 1)[1]
+
+
+@dataclass
+class ImageSpec:
+    repo: str
+    config: BlobFile
+    layers: list[BlobFile]
+    manifest: bytes = b""
+
+    @property
+    def blobs(self) -> list[BlobFile]:
+        return [self.config, *self.layers]
+
+
+def _random_chunks(size: int, seed: int) -> Iterator[bytes]:
+    chunk = 16 * MiB
+    try:
+        import numpy as np
+
+        gen = np.random.Generator(np.random.SFC64(seed))
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            words = (n + 7) // 8
+            data = gen.integers(0, 2**64 - 1, size=words, dtype=np.uint64,
+                                endpoint=True).tobytes()
+            yield data[:n]
+            left -= n
+    except ImportError:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            yield os.urandom(n)
+            left -= n
+
+
+def write_blob(directory: Path, data: bytes | None, size: int, seed: int,
+               media_type: str) -> BlobFile:
+    """Write ``data`` (or ``size`` random bytes) to a temp file while hashing; rename to hex."""
+    tmp = directory / f".tmp-{seed}"
+    h = hashlib.sha256()
+    with open(tmp, "wb", buffering=0) as f:
+        for chunk in ([data] if data is not None else _random_chunks(size, seed)):
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[f.write(view):]
+    final = directory / h.hexdigest()
+    tmp.replace(final)
+    return BlobFile(final, "sha256:" + h.hexdigest(), final.stat().st_size, media_type)
+
+
+def make_images(directory: Path, big: int, mid: int, seed: int) -> list[ImageSpec]:
+    directory.mkdir(parents=True, exist_ok=True)
+    small_sizes = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20] * 4
+    specs = [("bench/big", [big]), ("bench/mid", [mid]), ("bench/small", small_sizes)]
+    images = []
+    n = 0
+    for repo, sizes in specs:
+        layers = []
+        for size in sizes:
+            n += 1
+            layers.append(write_blob(directory, None, size, seed * 1000 + n, OCI_LAYER))
+        config_doc = {
+            "architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
+            "config": {"Labels": {"bench.repo": repo, "bench.seed": str(seed)}},
+            "rootfs": {"type": "layers", "diff_ids": [b.digest for b in layers]},
+        }
+        n += 1
+        config = write_blob(directory, json.dumps(config_doc, indent=2).encode(), 0,
+                            seed * 1000 + n, OCI_CONFIG)
+        img = ImageSpec(repo, config, layers)
+        img.manifest = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config.digest, "size": config.size},
+            "layers": [{"mediaType": b.media_type, "digest": b.digest, "size": b.size}
+                       for b in layers],
+        }, indent=2).encode()
+        images.append(img)
+    return images
+
+
+async def _push(url: str, images: list[ImageSpec]) -> None:
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as s:
+        for img in images:
+            for blob in img.blobs:
+                async with s.post(f"{url}/v2/{img.repo}/blobs/uploads/") as r:
+                    if r.status != 202:
+                        raise RuntimeError(f"upload start: {r.status} {await r.text()}")
+                    loc = r.headers["Location"]
+                if loc.startswith("/"):
+                    loc = url + loc
+                put = f"{loc}{'&' if '?' in loc else '?'}digest={quote(blob.digest, safe='')}"
+                with open(blob.path, "rb") as f:  # streamed: one monolithic PUT, file body
+                    async with s.put(put, data=f, headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Length": str(blob.size)}) as r:
+                        if r.status != 201:
+                            raise RuntimeError(f"blob PUT {blob.digest}: {r.status} "
+                                               f"{await r.text()}")
+            async with s.put(f"{url}/v2/{img.repo}/manifests/latest", data=img.manifest,
+                             headers={"Content-Type": OCI_MANIFEST}) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"manifest PUT {img.repo}: {r.status} {await r.text()}")
+
+
+# --------------------------------------------------------------------------- /proc helpers
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants that are alive now (cheap: /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if os.path.exists(f"/proc/{p}"):
+            out.append(p)
+            todo.extend(_children(p))
+    return out
+
+
+def system_cpu_seconds() -> tuple[float, float, float]:
+    """(task time, irq+softirq time, steal time) of all CPUs since boot, from /proc/stat.
+
+    Loopback TCP is mostly processed in softirq context, which the kernel accounts as
+    softirq rather than to the sending or receiving process."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system) / TICK, (irq + softirq) / TICK, steal / TICK
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem in kB ({} when gone)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class RssSampler:
+    """Samples VmRSS/VmHWM of the current mirrorcache process tree every ``interval``."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.root: int | None = None
+        self.hwm_kb: dict[int, int] = {}       # per pid, peak VmHWM seen
+        self.label: dict[int, str] = {}
+        self.peak_sum_kb = 0                   # peak of the summed VmRSS of one tree
+        self.window_kb = 0                     # peak summed VmRSS since reset_window()
+        self.peak_detail: dict[int, dict[str, int]] = {}  # /proc status at each pid's peak
+        self.baseline_kb: list[int] = []       # summed VmRSS of each instance when it started
+        self.seen_pids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def track(self, pid: int | None) -> None:
+        with self._lock:
+            if self.root is not None:
+                self._sample_locked()
+            self.root = pid
+            if pid is not None:
+                self.baseline_kb.append(self._sample_locked())
+
+    def reset_window(self) -> None:
+        with self._lock:
+            self.window_kb = self._sample_locked()
+
+    def sample(self) -> None:
+        with self._lock:
+            self._sample_locked()
+
+    def _sample_locked(self) -> int:
+        if self.root is None:
+            return 0
+        total = 0
+        for pid in process_tree(self.root):
+            st = _status_kb(pid)
+            if not st:
+                continue
+            if pid not in self.seen_pids:
+                self.seen_pids.add(pid)
+                self.label[pid] = "main" if pid == self.root else "worker"
+            rss = st.get("VmRSS", 0)
+            total += rss
+            if rss >= self.peak_detail.get(pid, {}).get("VmRSS", 0):
+                self.peak_detail[pid] = st
+            self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), st.get("VmHWM", 0), rss)
+        self.peak_sum_kb = max(self.peak_sum_kb, total)
+        self.window_kb = max(self.window_kb, total)
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+
+# --------------------------------------------------------------------------- processes
+
+class UpstreamLog:
+    """Requests the upstream registry logged (JSON lines of Distribution 2.8.2)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def since(self, offset: int) -> list[dict[str, Any]]:
+        out = []
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.startswith(b"{"):
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                if "http.request.uri" in doc and str(doc.get("msg", "")).startswith(
+                        "response completed"):
+                    out.append(doc)
+        return [d for d in out if d.get("http.request.useragent") != CLIENT_UA]
+
+
+def summarize_requests(reqs: list[dict[str, Any]]) -> dict[str, int]:
+    """``"GET /v2/bench/mid/blobs/sha256:abcd…"`` -> count (digests shortened)."""
+    out: dict[str, int] = {}
+    for d in reqs:
+        uri = re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]{52}", r"\1…", d["http.request.uri"])
+        uri = re.sub(r"/blobs/uploads/.*", "/blobs/uploads/…", uri)
+        key = f"{d['http.request.method']} {uri} -> {d.get('http.response.status')}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+              log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}\n{tail}")
+        try:
+            with _OPENER.open(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s ({last})")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=timeout)
+
+
+class Mirror:
+    """mirrorcache as a subprocess on an empty cache directory."""
+
+    def __init__(self, workdir: Path, upstream_url: str, workers: int, n: int,
+                 no_uvloop: bool = False) -> None:
+        self.no_uvloop = no_uvloop
+        self.dir = workdir / f"mirrorcache-{n}"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg: dict[str, Any] = {
+            "listen": f"127.0.0.1:{self.port}",
+            "storage": {"filesystem": {"path": str(self.dir / "cache")}},
+            "upstreams": {"docker.io": {"url": upstream_url, "tag_ttl": "10m"}},
+            "default_upstream": "docker.io",
+            "log": {"level": "warning"},
+            "shutdown_grace": "3s",
+        }
+        if workers > 1:
+            cfg["workers"] = workers
+        self.config_path = self.dir / "mirrorcache.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.log_path = self.dir / "mirrorcache.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pids: set[int] = set()
+
+    def start(self) -> Mirror:
+        env = {k: v for k, v in os.environ.items()
+               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+        with open(self.log_path, "ab") as logf:
+            entry = ([str(BENCH_DIR / "mcshim.py")] if self.no_uvloop
+                     else ["-m", "mirrorcache"])
+            self.proc = subprocess.Popen(
+                [sys.executable, *entry, "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                cwd=self.dir)
+        wait_http(f"{self.url}/v2/", 60, self.proc, self.log_path)
+        self.pids.update(process_tree(self.proc.pid))
+        return self
+
+    def tree(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        pids = process_tree(self.proc.pid)
+        self.pids.update(pids)
+        return pids
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.tree()
+        stop_process(self.proc)
+        for pid in self.pids:  # workers left behind by a crashed parent: ours, by pid
+            if pid != self.proc.pid and "mirrorcache" in _cmdline(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.proc = None
+        shutil.rmtree(self.dir / "cache", ignore_errors=True)
+
+
+class Nginx:
+    def __init__(self, workdir: Path, root: Path, workers: int) -> None:
+        self.dir = workdir / "nginx"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the blob files
+        d = self.dir
+        (d / "nginx.conf").write_text(f"""{user}worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  default_type application/octet-stream;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    root {root};
+  }}
+}}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Nginx:
+        d = self.dir
+        with open(d / "stderr.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                [NGINX, "-c", str(d / "nginx.conf"), "-p", str(d), "-e", str(d / "error.log"),
+                 "-g", "daemon off;"],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("nginx exited: "
+                                   + (d / "error.log").read_text(errors="replace")[-2000:])
+            try:
+                with _OPENER.open(f"{self.url}/", timeout=1):
+                    break
+            except urllib.error.HTTPError:
+                break  # 403/404 for the directory: it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        return self
+
+    def tree(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGQUIT)
+            self.proc = None
+
+
+def peer_blob_path(peer: RegistryProcess, digest: str) -> Path:
+    hexd = digest.split(":", 1)[1]
+    return peer.root / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+def registry_pids(reg: RegistryProcess | None) -> list[int]:
+    proc = getattr(reg, "_proc", None) if reg is not None else None
+    return [proc.pid] if proc is not None and proc.poll() is None else []
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+@dataclass
+class Row:
+    measure: str
+    mine: str
+    ref: str
+    ratio: str
+    goal: str
+    ok: bool | None  # None: informational
+
+    @property
+    def result(self) -> str:
+        return "info" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+@dataclass
+class Settings:
+    quick: bool
+    workers: int
+    big: int
+    mid: int
+    duration: float
+    reps: int
+    concurrency: int
+    clients: int
+    workdir: Path
+    keep: bool
+    results: Path
+    json_path: Path | None
+    profile: bool
+    seed: int
+    no_uvloop: bool
+
+
+@dataclass
+class Bench:
+    s: Settings
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    cpu: list[tuple[str, dict[str, float], float, float]] = field(default_factory=list)
+    verified: dict[str, str] = field(default_factory=dict)
+    mirror: Mirror | None = None
+    peer: RegistryProcess | None = None
+    upstream: RegistryProcess | None = None
+    nginx: Nginx | None = None
+    images: list[ImageSpec] = field(default_factory=list)
+    _n: int = 0
+
+    def __post_init__(self) -> None:
+        self.sampler = RssSampler()
+        self.ulog: UpstreamLog | None = None
+
+    # -- process management
+    def restart_mirror(self) -> Mirror:
+        if self.mirror is not None:
+            self.sampler.track(None)
+            self.mirror.stop()
+        self._n += 1
+        self.mirror = Mirror(self.s.workdir, self._up.url, self.s.workers, self._n,
+                             self.s.no_uvloop).start()
+        self.sampler.track(self.mirror.proc.pid if self.mirror.proc else None)
+        return self.mirror
+
+    def restart_peer(self) -> RegistryProcess:
+        if self.peer is not None:
+            self.peer.close()
+            shutil.rmtree(self.peer.workdir, ignore_errors=True)
+        self._n += 1
+        d = self.s.workdir / f"peer-{self._n}"
+        d.mkdir()
+        self.peer = RegistryProcess(
+            proxy_remote_url=self._up.url, workdir=d, log_level="warn",
+            extra_config={"log": {"accesslog": {"disabled": True}}}).start()
+        return self.peer
+
+    def restart_both(self) -> None:
+        self.restart_mirror()
+        self.restart_peer()
+
+    @property
+    def _up(self) -> RegistryProcess:
+        assert self.upstream is not None
+        return self.upstream
+
+    @property
+    def _m(self) -> Mirror:
+        assert self.mirror is not None
+        return self.mirror
+
+    @property
+    def _p(self) -> RegistryProcess:
+        assert self.peer is not None
+        return self.peer
+
+    def close(self) -> None:
+        self.sampler.track(None)
+        self.sampler.stop()
+        if self.mirror is not None:
+            self.mirror.stop()
+        if self.peer is not None:
+            self.peer.close()
+        if self.nginx is not None:
+            self.nginx.stop()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    # -- clients
+    def _cpu_snapshot(self) -> dict[str, float]:
+        return {
+            "mirrorcache": cpu_seconds(self.mirror.tree()) if self.mirror else 0.0,
+            "peer": cpu_seconds(registry_pids(self.peer)),
+            "upstream": cpu_seconds(registry_pids(self.upstream)),
+            "nginx": cpu_seconds(self.nginx.tree()) if self.nginx else 0.0,
+        }
+
+    @contextlib.contextmanager
+    def measured(self, name: str) -> Iterator[None]:
+        """CPU seconds of every server (and this script's children: the clients) in a block;
+        with --profile, py-spy records mirrorcache meanwhile."""
+        os.sync()  # write-back of the previous step must not land in this one
+        spy = self._start_profile(name) if self.s.profile else None
+        before = self._cpu_snapshot()
+        self.sampler.reset_window()
+        ru = os.times()
+        sys0 = system_cpu_seconds()
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            wall = time.monotonic() - t0
+            after = self._cpu_snapshot()
+            ru2 = os.times()
+            used = {k: round(after[k] - before[k], 2) for k in after
+                    if after[k] - before[k] >= 0.005}
+            used["clients"] = round((ru2.children_user + ru2.children_system)
+                                    - (ru.children_user + ru.children_system), 2)
+            used["bench"] = round(max(ru2.user + ru2.system - ru.user - ru.system, 0), 2)
+            tasks, irq, steal = (b - a for a, b in zip(sys0, system_cpu_seconds(), strict=True))
+            used["softirq"] = round(irq, 2)
+            if steal > 0.05:
+                used["steal"] = round(steal, 2)
+            # Every other process on the machine (other users' jobs, kernel threads): noise.
+            used["other"] = round(max(tasks - sum(v for k, v in used.items()
+                                                   if k not in ("softirq", "steal")), 0), 2)
+            self.sampler.sample()
+            self.cpu.append((name, used, round(wall, 2), round(self.sampler.window_kb / 1024, 1)))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(timeout=20)
+                if spy.poll() is None:
+                    spy.kill()
+
+    def _start_profile(self, name: str) -> subprocess.Popen[bytes] | None:
+        if PYSPY is None or self.mirror is None or self.mirror.proc is None:
+            return None
+        out = self.s.workdir / "profiles"
+        out.mkdir(exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        return subprocess.Popen(
+            [PYSPY, "record", "--pid", str(self.mirror.proc.pid), "--subprocesses",
+             "--rate", "250", "--format", "speedscope", "-o", str(out / f"{slug}.json")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def fetch(self, urls: list[str], hash_mode: str = "none",
+              timeout: float = 300.0) -> dict[str, Any]:
+        cmd = [sys.executable, str(BENCH_DIR / "fetch.py"), "--hash", hash_mode,
+               "--timeout", str(timeout), *urls]
+        out = subprocess.run(cmd, capture_output=True, check=True, timeout=timeout + 30)
+        res: dict[str, Any] = json.loads(out.stdout)
+        return res
+
+    def get_manifest(self, base: str, img: ImageSpec) -> None:
+        """What a client does before pulling blobs (untimed; warms connection pools)."""
+        req = urllib.request.Request(f"{base}/v2/{img.repo}/manifests/latest",
+                                     headers={"Accept": MANIFEST_ACCEPT, "User-Agent": "warm-up"})
+        with _OPENER.open(req, timeout=30) as resp:
+            if resp.read() != img.manifest:
+                raise RuntimeError(f"manifest of {img.repo} from {base} differs")
+
+    def pull_one(self, url: str, expect: BlobFile, label: str) -> float:
+        """Seconds for one GET of ``expect`` (raises on any error or short body)."""
+        res = self.fetch([url])
+        t = res["transfers"][0]
+        if t["error"] or t["bytes"] != expect.size:
+            raise RuntimeError(f"{label}: {url}: {t['error']} ({t['bytes']} bytes)")
+        seconds: float = t["end"] - t["start"]
+        return seconds
+
+    def verify(self, url: str, blob: BlobFile, how: str) -> None:
+        res = self.fetch([url], hash_mode="all")
+        self._check_digest(res["transfers"][0], blob, how)
+
+    def _check_digest(self, t: dict[str, Any], blob: BlobFile, how: str) -> None:
+        if t["error"] or t["sha256"] != blob.hex:
+            self.verified[blob.digest] = f"MISMATCH ({how}: {t['error'] or t['sha256']})"
+            raise RuntimeError(f"digest check failed for {blob.digest} ({how}): {t}")
+        self.verified.setdefault(blob.digest, how)
+
+    # -- URLs
+    @staticmethod
+    def blob_url(base: str, img: ImageSpec, blob: BlobFile) -> str:
+        return f"{base}/v2/{img.repo}/blobs/{blob.digest}"
+
+    def ngx_url(self, blob: BlobFile) -> str:
+        assert self.nginx is not None
+        return f"{self.nginx.url}/{blob.hex}"
+
+    def upstream_requests(self, mark: int) -> list[dict[str, Any]]:
+        assert self.ulog is not None
+        return self.ulog.since(mark)
+
+    def wait_peer_stored(self, blob: BlobFile, timeout: float = 120.0) -> None:
+        """Distribution's proxy stores a blob in a background fetch: wait for it to land."""
+        path = peer_blob_path(self._p, blob.digest)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size == blob.size:
+                    time.sleep(0.2)
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"peer did not store {blob.digest} within {timeout}s")
+
+    # -- phases
+    def setup(self) -> None:
+        s = self.s
+        blobs_dir = s.workdir / "blobs"
+        t0 = time.monotonic()
+        self.images = make_images(blobs_dir, s.big, s.mid, s.seed)
+        log(f"generated {sum(b.size for i in self.images for b in i.blobs) / MiB:.0f} MiB of "
+            f"blobs in {time.monotonic() - t0:.1f}s")
+        self.upstream = RegistryProcess(
+            workdir=s.workdir / "upstream", log_level="info",
+            extra_config={"log": {"formatter": "json", "accesslog": {"disabled": False}}})
+        (s.workdir / "upstream").mkdir()
+        self.upstream.start()
+        self.ulog = UpstreamLog(self.upstream.log_path)
+        t0 = time.monotonic()
+        asyncio.run(_push(self.upstream.url, self.images))
+        log(f"pushed to the upstream {self.upstream.url} in {time.monotonic() - t0:.1f}s")
+        self.nginx = Nginx(s.workdir, blobs_dir, s.workers).start()
+        self.sampler.start()
+        self.restart_both()
+
+    @property
+    def big(self) -> tuple[ImageSpec, BlobFile]:
+        return self.images[0], self.images[0].layers[0]
+
+    @property
+    def mid(self) -> tuple[ImageSpec, BlobFile]:
+        return self.images[1], self.images[1].layers[0]
+
+    @property
+    def small(self) -> ImageSpec:
+        return self.images[2]
+
+    def phase_cold_big(self) -> None:
+        img, blob = self.big
+        log(f"1. cold pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
+        up_url = self.blob_url(self._up.url, img, blob)
+        self.pull_one(up_url, blob, "upstream warm-up")
+        up, mc, peer = [], [], []
+        mc_gets, peer_gets = [], []
+        for rep in range(self.s.reps):
+            with self.measured(f"cold big: upstream direct #{rep + 1}"):
+                up.append(self.pull_one(up_url, blob, "upstream"))
+            if rep:
+                self.restart_both()
+            self.get_manifest(self._m.url, img)
+            self.get_manifest(self._p.url, img)
+            mark = self.ulog.mark() if self.ulog else 0
+            with self.measured(f"cold big: mirrorcache #{rep + 1}"):
+                mc.append(self.pull_one(self.blob_url(self._m.url, img, blob), blob,
+                                        "mirrorcache cold"))
+            reqs = self.upstream_requests(mark)
+            mc_gets.append(_count_gets(reqs, blob))
+            self.details.setdefault("upstream requests: cold big via mirrorcache",
+                                    summarize_requests(reqs))
+            mark = self.ulog.mark() if self.ulog else 0
+            with self.measured(f"cold big: peer #{rep + 1}"):
+                peer.append(self.pull_one(self.blob_url(self._p.url, img, blob), blob,
+                                          "peer cold"))
+                self.wait_peer_stored(blob)
+            reqs = self.upstream_requests(mark)
+            peer_gets.append(_count_gets(reqs, blob))
+            self.details.setdefault("upstream requests: cold big via peer",
+                                    summarize_requests(reqs))
+        tp = {k: _mibps(blob.size, statistics.median(v))
+              for k, v in (("up", up), ("mc", mc), ("peer", peer))}
+        self.details["cold big samples (s)"] = {"upstream": up, "mirrorcache": mc, "peer": peer}
+        size = _size_label(blob.size)
+        self.rows.append(_ratio_row(f"1. cold pull {size}: mirrorcache vs upstream direct",
+                                    tp["mc"], tp["up"], "MiB/s", 0.9))
+        self.rows.append(_ratio_row(f"1. cold pull {size}: peer vs upstream direct",
+                                    tp["peer"], tp["up"], "MiB/s", 0.9, peer_row=True))
+        self.rows.append(Row(f"1. cold pull {size}: upstream GETs of the blob",
+                             "/".join(map(str, mc_gets)), "/".join(map(str, peer_gets)) + " (peer)",
+                             "", "info", None))
+
+    def phase_warm_big(self) -> None:
+        img, blob = self.big
+        log(f"2. warm pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
+        mc_url = self.blob_url(self._m.url, img, blob)
+        peer_url = self.blob_url(self._p.url, img, blob)
+        self.verify(mc_url, blob, "warm, mirrorcache")
+        self.pull_one(self.ngx_url(blob), blob, "nginx warm-up")
+        self.pull_one(peer_url, blob, "peer warm-up")
+        mc, ngx, peer = [], [], []
+        for rep in range(self.s.reps):
+            with self.measured(f"warm big: mirrorcache #{rep + 1}"):
+                mc.append(self.pull_one(mc_url, blob, "mirrorcache warm"))
+            with self.measured(f"warm big: nginx #{rep + 1}"):
+                ngx.append(self.pull_one(self.ngx_url(blob), blob, "nginx"))
+            with self.measured(f"warm big: peer #{rep + 1}"):
+                peer.append(self.pull_one(peer_url, blob, "peer warm"))
+        self.details["warm big samples (s)"] = {"mirrorcache": mc, "nginx": ngx, "peer": peer}
+        t_mc = _mibps(blob.size, statistics.median(mc))
+        size = _size_label(blob.size)
+        self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs nginx", t_mc,
+                                    _mibps(blob.size, statistics.median(ngx)), "MiB/s", 0.9))
+        self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs peer warm", t_mc,
+                                    _mibps(blob.size, statistics.median(peer)), "MiB/s", 1.0))
+
+    def phase_concurrent_cold(self) -> None:
+        img, blob = self.mid
+        n = self.s.concurrency
+        size = _size_label(blob.size)
+        log(f"3. {n} concurrent cold GETs of the {size} blob")
+        singles: dict[str, list[float]] = {"mirrorcache": [], "peer": []}
+        for rep in range(self.s.reps):
+            self.restart_both()
+            self.get_manifest(self._m.url, img)
+            self.get_manifest(self._p.url, img)
+            with self.measured(f"cold mid single: mirrorcache #{rep + 1}"):
+                singles["mirrorcache"].append(self.pull_one(
+                    self.blob_url(self._m.url, img, blob), blob, "mirrorcache cold single"))
+            with self.measured(f"cold mid single: peer #{rep + 1}"):
+                singles["peer"].append(self.pull_one(
+                    self.blob_url(self._p.url, img, blob), blob, "peer cold single"))
+                self.wait_peer_stored(blob)
+        self.restart_both()
+        self.get_manifest(self._m.url, img)
+        self.get_manifest(self._p.url, img)
+        results: dict[str, dict[str, Any]] = {}
+        for who, base in (("mirrorcache", self._m.url), ("peer", self._p.url)):
+            mark = self.ulog.mark() if self.ulog else 0
+            url = self.blob_url(base, img, blob)
+            with self.measured(f"cold mid x{n}: {who}"):
+                res = self.fetch([url] * n, hash_mode="first", timeout=600)
+                if who == "peer":
+                    self.wait_peer_stored(blob)
+            reqs = self.upstream_requests(mark)
+            errors = [t for t in res["transfers"] if t["error"] or t["bytes"] != blob.size]
+            if who == "mirrorcache" and not errors:
+                self._check_digest(res["transfers"][0], blob, f"cold, one of {n} concurrent")
+            durations = [r.get("http.response.duration", "?") for r in reqs
+                         if r["http.request.method"] == "GET"
+                         and r["http.request.uri"].endswith(blob.digest)]
+            results[who] = {"wall": res["wall"], "gets": _count_gets(reqs, blob),
+                            "errors": len(errors), "upstream_get_durations": durations,
+                            "bytes": res["bytes"]}
+            self.details[f"upstream requests: {n} concurrent cold via {who}"] = \
+                summarize_requests(reqs)
+        # The floor on this machine: the same bytes to the same client, from nginx, warm.
+        with self.measured(f"warm mid x{n}: nginx (floor)"):
+            floor = self.fetch([self.ngx_url(blob)] * n, hash_mode="first", timeout=600)
+        results["nginx warm"] = {"wall": floor["wall"], "bytes": floor["bytes"]}
+        self.details[f"cold mid: single pulls (s), {n}-way results"] = {
+            "single": singles, "concurrent": results}
+        mc, pr = results["mirrorcache"], results["peer"]
+        self.rows.append(Row(f"3. {n}x cold GET {size}: upstream GETs of the blob",
+                             str(mc["gets"]), f"{pr['gets']} (peer)", "", "== 1",
+                             mc["gets"] == 1))
+        self.rows.append(Row(f"3. {n}x cold GET {size}: client errors", str(mc["errors"]),
+                             f"{pr['errors']} (peer)", "", "== 0", mc["errors"] == 0))
+        s_mc = statistics.median(singles["mirrorcache"])
+        s_pr = statistics.median(singles["peer"])
+        ratio = mc["wall"] / s_mc
+        self.rows.append(Row(f"3. {n}x cold GET {size}: wall vs one cold pull",
+                             f"{mc['wall']:.2f} s", f"{s_mc:.2f} s (1 pull)", f"{ratio:.2f}x",
+                             "<= 1.3x", ratio <= 1.3))
+        self.rows.append(Row(f"3. {n}x cold GET {size}: peer wall vs its one cold pull",
+                             f"{pr['wall']:.2f} s", f"{s_pr:.2f} s (1 pull)",
+                             f"{pr['wall'] / s_pr:.2f}x", "(peer)", None))
+        fl = results["nginx warm"]["wall"]
+        self.rows.append(Row(f"3. {n}x GET {size}: wall vs nginx {n}x warm (the floor here)",
+                             f"{mc['wall']:.2f} s", f"{fl:.2f} s (nginx)",
+                             f"{mc['wall'] / fl:.2f}x", "info", None))
+        agg = _mibps(mc["bytes"], mc["wall"])
+        self.rows.append(Row(f"3. {n}x cold GET {size}: aggregate delivered", f"{agg:.0f} MiB/s",
+                             f"{_mibps(pr['bytes'], pr['wall']):.0f} MiB/s (peer)",
+                             f"{agg / _mibps(pr['bytes'], pr['wall']):.2f}x", "info", None))
+
+    def phase_manifests(self) -> None:
+        img = self.small
+        d = self.s.duration
+        log(f"4. manifest GET/HEAD by tag, 32 connections, {d:.0f}s each")
+        path = f"/v2/{img.repo}/manifests/latest"
+        accept = f"Accept: {MANIFEST_ACCEPT}"
+        # First fetch (counted apart), and every small blob through both: warm for phase 6,
+        # and mirrorcache's bytes are hashed.
+        mark = self.ulog.mark() if self.ulog else 0
+        for base in (self._m.url, self._p.url):
+            for method in ("GET", "HEAD"):
+                req = urllib.request.Request(base + path, method=method,
+                                             headers={"Accept": MANIFEST_ACCEPT,
+                                                      "User-Agent": "warm-up"})
+                with _OPENER.open(req, timeout=30) as resp:
+                    body = resp.read()
+                    if method == "GET" and body != img.manifest:
+                        raise RuntimeError(f"manifest from {base} differs")
+        for b in img.blobs:
+            self.verify(self.blob_url(self._m.url, img, b), b, "warm, mirrorcache")
+            self.pull_one(self.blob_url(self._p.url, img, b), b, "peer warm-up")
+        mid_img, mid = self.mid
+        self.pull_one(self.blob_url(self._p.url, mid_img, mid), mid, "peer warm-up")
+        self.details["upstream requests: manifest warm-up + small blobs, both"] = \
+            summarize_requests(self.upstream_requests(mark))
+        out: dict[str, dict[str, Any]] = {}
+        for who, base in (("mirrorcache", self._m.url), ("peer", self._p.url)):
+            mark = self.ulog.mark() if self.ulog else 0
+            with self.measured(f"manifest GET x32 {d:.0f}s: {who}"):
+                get = self.wrk(base + path, [accept], d)
+            with self.measured(f"manifest HEAD x32 {d:.0f}s: {who}"):
+                head = self.loadgen(base + path, "HEAD", [accept], d)
+            reqs = self.upstream_requests(mark)
+            out[who] = {"get": get, "head": head, "upstream": len(reqs)}
+            self.details[f"upstream requests: manifest load via {who}"] = \
+                summarize_requests(reqs)
+        # The clients' ceiling: nginx serving the manifest bytes as a static file.
+        assert self.nginx is not None
+        mfile = self.s.workdir / "blobs" / "manifest.json"
+        mfile.write_bytes(img.manifest)
+        cal = min(d, 3.0)
+        ceiling = {"wrk GET": self.wrk(f"{self.nginx.url}/manifest.json", [accept], cal)["rps"],
+                   "loadgen HEAD": self.loadgen(f"{self.nginx.url}/manifest.json", "HEAD",
+                                                [accept], cal)["rps"]}
+        self.details["manifest load results"] = out
+        self.details["client ceiling (nginx static file, req/s)"] = ceiling
+        mc, pr = out["mirrorcache"], out["peer"]
+        for kind, key in (("GET (wrk)", "get"), ("HEAD (loadgen)", "head")):
+            a, b = mc[key], pr[key]
+            bad = a["errors"] + a["non2xx"]
+            self.rows.append(_ratio_row(f"4. manifest {kind} by tag, 32 conns", a["rps"], b["rps"],
+                                        "req/s", 2.0, extra_ok=bad == 0,
+                                        note=f" ({bad} errors)" if bad else ""))
+        self.rows.append(Row("4. upstream requests during manifest load", str(mc["upstream"]),
+                             f"{pr['upstream']} (peer)", "", "== 0", mc["upstream"] == 0))
+
+    def wrk(self, url: str, headers: list[str], duration: float) -> dict[str, Any]:
+        if WRK is None:
+            return self.loadgen(url, "GET", headers, duration)
+        cmd = [WRK, "-t2", "-c32", f"-d{duration:.0f}s"]
+        for h in headers:
+            cmd += ["-H", h]
+        out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True,
+                             timeout=duration + 60).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                         out)
+        return {"rps": rps, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+                "errors": sum(map(int, sock.groups())) if sock else 0,
+                "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+                "latency": re.search(r"Latency\s+(\S+)", out).group(1)}  # type: ignore[union-attr]
+
+    def loadgen(self, url: str, method: str, headers: list[str],
+                duration: float) -> dict[str, Any]:
+        cmd = [sys.executable, str(BENCH_DIR / "loadgen.py"), url, "--method", method,
+               "-c", "32", "-d", str(duration)]
+        for h in headers:
+            cmd += ["--header", h]
+        res: dict[str, Any] = json.loads(subprocess.run(
+            cmd, capture_output=True, check=True, timeout=duration + 60).stdout)
+        res["non2xx"] = sum(n for code, n in res["statuses"].items() if code[0] != "2")
+        return res
+
+    def phase_many_clients(self) -> None:
+        n = self.s.clients
+        mid_img, mid = self.mid
+        small = self.small
+        n_mid = max(1, n // 10)
+        plan: list[tuple[ImageSpec, BlobFile]] = [(mid_img, mid)] * n_mid
+        smalls = small.blobs
+        plan += [(small, smalls[i % len(smalls)]) for i in range(n - n_mid)]
+        total = sum(b.size for _, b in plan)
+        log(f"6. {n} concurrent warm pulls ({n_mid} of the mid blob), "
+            f"{total / MiB:.0f} MiB in all ({self.s.reps}x)")
+        res: dict[str, list[dict[str, Any]]] = {"mirrorcache": [], "nginx": [], "peer": []}
+        urls = {
+            "mirrorcache": [self.blob_url(self._m.url, i, b) for i, b in plan],
+            "nginx": [self.ngx_url(b) for _, b in plan],
+            "peer": [self.blob_url(self._p.url, i, b) for i, b in plan],
+        }
+        by_url = {self.blob_url(self._m.url, i, b): b for i, b in plan}
+        for rep in range(self.s.reps):
+            for who in ("mirrorcache", "nginx", "peer"):
+                with self.measured(f"{n} clients warm: {who} #{rep + 1}"):
+                    r = self.fetch(urls[who], hash_mode="first", timeout=600)
+                sizes = {u: b.size for u, (_, b) in zip(urls[who], plan, strict=True)}
+                errors = [t for t in r["transfers"]
+                          if t["error"] or t["bytes"] != sizes[t["url"]]]
+                if who == "mirrorcache":
+                    for t in r["transfers"]:
+                        if t["sha256"] is not None:
+                            self._check_digest(t, by_url[t["url"]], f"warm, {n} concurrent")
+                res[who].append({"wall": r["wall"], "bytes": r["bytes"], "errors": len(errors),
+                                 "first_errors": [e["error"] for e in errors[:3]],
+                                 "slowest": round(max((t["end"] or 0) - t["start"]
+                                                      for t in r["transfers"]), 3)})
+        self.details[f"{n} clients warm results"] = res
+
+        def tput(who: str) -> float:
+            return statistics.median(_mibps(x["bytes"], x["wall"]) for x in res[who])
+
+        errs = sum(x["errors"] for x in res["mirrorcache"])
+        self.rows.append(Row(f"6. {n} clients warm: errors", str(errs),
+                             f"{sum(x['errors'] for x in res['nginx'])} (nginx)", "", "== 0",
+                             errs == 0))
+        self.rows.append(_ratio_row(f"6. {n} clients warm: aggregate throughput vs nginx",
+                                    tput("mirrorcache"), tput("nginx"), "MiB/s", 0.8))
+        self.rows.append(_ratio_row(f"6. {n} clients warm: aggregate throughput vs peer",
+                                    tput("mirrorcache"), tput("peer"), "MiB/s", None))
+
+    def phase_rss(self) -> None:
+        self.sampler.sample()
+        hwm = self.sampler.hwm_kb
+        peak = max(hwm.values()) / 1024 if hwm else 0.0
+        per = sorted(((v / 1024, self.sampler.label.get(p, "?")) for p, v in hwm.items()),
+                     reverse=True)
+        self.details["mirrorcache peak RSS per process (MiB, all instances)"] = [
+            f"{label}: {mb:.1f}" for mb, label in per]
+        self.details["mirrorcache /proc status at the peak (kB), largest process"] = max(
+            self.sampler.peak_detail.values(), key=lambda d: d.get("VmRSS", 0), default={})
+        self.details["mirrorcache RSS just after start (MiB, each instance)"] = [
+            round(kb / 1024, 1) for kb in self.sampler.baseline_kb]
+        self.rows.append(Row("5. mirrorcache peak RSS per process (VmHWM)", f"{peak:.1f} MB",
+                             "", "", "<= 150 MB", peak <= 150))
+        self.rows.append(Row("5. mirrorcache peak RSS, sum over its processes",
+                             f"{self.sampler.peak_sum_kb / 1024:.1f} MB",
+                             f"{self.s.workers} worker(s)", "", "info", None))
+
+    def phase_digests(self) -> None:
+        blobs = {b.digest: b for i in self.images for b in i.blobs}
+        missing = [d for d in blobs if d not in self.verified]
+        for img in self.images:  # anything not yet hashed from mirrorcache: do it now
+            for b in img.blobs:
+                if b.digest in missing and self.mirror is not None:
+                    self.verify(self.blob_url(self._m.url, img, b), b, "warm, final check")
+        bad = [d for d, how in self.verified.items() if how.startswith("MISMATCH")]
+        self.details["digest checks (sha256 of the bytes mirrorcache served)"] = {
+            d[:19] + "…": how for d, how in self.verified.items()}
+        self.rows.append(Row("digests of bytes served by mirrorcache",
+                             f"{len(self.verified) - len(bad)}/{len(blobs)} ok", "", "",
+                             "all", not bad and len(self.verified) == len(blobs)))
+
+
+def _count_gets(reqs: list[dict[str, Any]], blob: BlobFile) -> int:
+    return sum(1 for r in reqs if r["http.request.method"] == "GET"
+               and r["http.request.uri"].endswith(f"/blobs/{blob.digest}"))
+
+
+def _mibps(size: int, seconds: float) -> float:
+    return size / MiB / seconds if seconds > 0 else 0.0
+
+
+def _size_label(size: int) -> str:
+    return f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / MiB:g} MiB"
+
+
+def _ratio_row(measure: str, mine: float, ref: float, unit: str, goal: float | None, *,
+               peer_row: bool = False, extra_ok: bool = True, note: str = "") -> Row:
+    ratio = mine / ref if ref else 0.0
+    ok = None if goal is None else (ratio >= goal and extra_ok)
+    return Row(measure, f"{mine:.0f} {unit}{note}", f"{ref:.0f} {unit}", f"{ratio:.2f}x",
+               f">= {goal:g}x" + (" (peer)" if peer_row else "") if goal is not None else "info",
+               ok)
+
+
+# --------------------------------------------------------------------------- reporting
+
+def machine_facts() -> dict[str, str]:
+    mem = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                            "mirrorcache"], capture_output=True, text=True).stdout.strip()
+    registry = subprocess.run(["docker-registry", "--version"], capture_output=True,
+                              text=True).stdout.strip()
+    nginx = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uv,
+        "mirrorcache commit": commit + (" (+ uncommitted changes in mirrorcache/)"
+                                        if dirty else ""),
+        "upstream / peer": registry,
+        "nginx": nginx.replace("nginx version: ", ""),
+    }
+
+
+def table(rows: list[Row]) -> str:
+    head = ("measure", "mirrorcache", "reference", "ratio", "goal", "result")
+    data = [head] + [(r.measure, r.mine, r.ref, r.ratio, r.goal, r.result) for r in rows]
+    widths = [max(len(x[i]) for x in data) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) + " |"
+             for x in data]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[str]) -> str:
+    s = b.s
+    loop = ("asyncio (uvloop hidden: --no-uvloop)" if s.no_uvloop
+            else "mirrorcache's default (uvloop when installed)")
+    lines = [
+        "# mirrorcache benchmark results",
+        "",
+        f"Latest run of `python bench/run.py {' '.join(argv)}`"
+        f" ({'quick' if s.quick else 'full'} mode), {elapsed:.0f} s in all."
+        " Regenerate with the same command; see the docstring of `bench/run.py` for what is"
+        " measured and how.",
+        "",
+        "| fact | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts.items()],
+        f"| workers | {s.workers} (nginx worker_processes {s.workers}) |",
+        f"| event loop | {loop} |",
+        f"| load average at start / end | {b.details.get('loadavg', '?')} |",
+        f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
+        f" load {s.duration:g} s; {s.reps} rep(s), medians |",
+        "",
+        "## Results",
+        "",
+        table(b.rows),
+        "",
+        "## CPU seconds per measurement",
+        "",
+        "Per process (tree) during each measurement; `clients` is fetch.py / wrk / loadgen,"
+        " `bench` this script (its RSS sampler), `softirq` the kernel's interrupt time (loopback"
+        " TCP, mostly), `other` every other process on the machine (from /proc/stat: not"
+        " started by the benchmark, i.e. noise)."
+        " The last column is the peak of mirrorcache's summed VmRSS (sampled every 100 ms)"
+        " during the measurement.",
+        "",
+        "| measurement | wall s | cpu s | mirrorcache peak RSS MB |",
+        "|---|---|---|---|",
+        *[f"| {name} | {wall} | " + ", ".join(f"{k} {v}" for k, v in used.items())
+          + f" | {rss} |" for name, used, wall, rss in b.cpu],
+        "",
+        "## Details",
+        "",
+        "```json",
+        json.dumps(b.details, indent=1, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str]) -> Settings:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring (top of bench/run.py) for what is measured.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="256 MiB / 50 MiB blobs, 5 s load, 1 repetition (about a minute)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="mirrorcache worker processes (config key workers; nginx gets as many)")
+    p.add_argument("--big-mib", type=int, help="big blob size (default 1024, quick 256)")
+    p.add_argument("--mid-mib", type=int, help="mid blob size (default 200, quick 50)")
+    p.add_argument("--duration", type=float, help="seconds per manifest load (10, quick 5)")
+    p.add_argument("--reps", type=int, help="repetitions of the pulls (3, quick 1)")
+    p.add_argument("--concurrency", type=int, default=50, help="concurrent cold GETs (50)")
+    p.add_argument("--clients", type=int, default=200, help="concurrent warm clients (200)")
+    p.add_argument("--workdir", type=Path, help="default bench/.work/run-<pid>")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--results", type=Path,
+                   help="markdown report (default bench/RESULTS.md; quick: bench/.work/)")
+    p.add_argument("--json", type=Path, help="also write rows and details as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy record mirrorcache during each measurement (workdir/profiles)")
+    p.add_argument("--seed", type=int, help="random seed of the generated blobs")
+    p.add_argument("--no-uvloop", action="store_true",
+                   help="run mirrorcache with uvloop hidden (bench/mcshim.py): A/B of the loop")
+    a = p.parse_args(argv)
+    q = a.quick
+    work = a.workdir or BENCH_DIR / ".work" / f"run-{os.getpid()}"
+    results = a.results or (BENCH_DIR / ".work" / "RESULTS-quick.md" if q
+                            else BENCH_DIR / "RESULTS.md")
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    return Settings(
+        quick=q, workers=a.workers,
+        big=(a.big_mib or (256 if q else 1024)) * MiB,
+        mid=(a.mid_mib or (50 if q else 200)) * MiB,
+        duration=a.duration or (5.0 if q else 10.0),
+        reps=a.reps or (1 if q else 3),
+        concurrency=a.concurrency, clients=a.clients,
+        workdir=work.resolve(), keep=a.keep, results=results, json_path=a.json,
+        profile=a.profile, seed=a.seed if a.seed is not None else int.from_bytes(os.urandom(3)),
+        no_uvloop=a.no_uvloop,
+    )
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    s = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    started = time.monotonic()
+    s.workdir.mkdir(parents=True, exist_ok=False)
+    bench = Bench(s)
+    bench.details["loadavg"] = _loadavg()
+    phases: list[Callable[[], None]] = [
+        bench.setup, bench.phase_cold_big, bench.phase_warm_big, bench.phase_concurrent_cold,
+        bench.phase_manifests, bench.phase_many_clients, bench.phase_rss, bench.phase_digests,
+    ]
+    try:
+        log(f"work directory {s.workdir}; {'quick' if s.quick else 'full'} run, "
+            f"workers={s.workers}")
+        for phase in phases:
+            phase()
+        bench.sampler.track(None)
+        bench.details["loadavg"] = f"{bench.details['loadavg']} / {_loadavg()}"
+        elapsed = time.monotonic() - started
+        facts = machine_facts()
+        print(table(bench.rows))
+        print(f"\nrun time {elapsed:.0f} s; {facts['nproc']} CPUs, {facts['memory']}, "
+              f"kernel {facts['kernel']}, Python {facts['python']}, aiohttp {facts['aiohttp']}")
+        s.results.parent.mkdir(parents=True, exist_ok=True)
+        s.results.write_text(write_results(bench, facts, elapsed, argv))
+        print(f"wrote {s.results}")
+        if s.json_path is not None:
+            s.json_path.write_text(json.dumps(
+                {"facts": facts, "rows": [r.__dict__ | {"result": r.result} for r in bench.rows],
+                 "cpu": bench.cpu, "details": bench.details}, indent=1, default=str))
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        return 130
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        for name, proc in (("mirrorcache", bench.mirror), ("upstream", bench.upstream)):
+            path = getattr(proc, "log_path", None)
+            if path is not None and Path(path).exists():
+                log(f"{name} log tail:\n" + Path(path).read_text(errors="replace")[-2000:])
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        try:
+            bench.close()
+        finally:
+            if not s.keep:
+                shutil.rmtree(s.workdir, ignore_errors=True)
+            else:
+                log(f"kept {s.workdir}")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
