@@ -485,14 +485,18 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
     return cfg
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file."""
+def read_yaml_file(path: str | Path) -> Any:
+    """The decoded YAML of a file, or ConfigError saying why it cannot be had."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
-    return parse_config(data, environ)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    return parse_config(read_yaml_file(path), environ)

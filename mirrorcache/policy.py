@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
 if TYPE_CHECKING:
     from mirrorcache.auth.identity import Identity
 
@@ -249,16 +247,9 @@ def parse_policy(data: object, path_prefix: str, problems: list[str],
 
 def load_policy_file(path: str | Path) -> Policy:
     """Read a policy file (YAML ``{default?, rules}``); raise ConfigError listing problems."""
-    from mirrorcache.config import ConfigError  # config imports this module
+    from mirrorcache.config import ConfigError, read_yaml_file  # config imports this module
 
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    data = read_yaml_file(path)
     problems: list[str] = []
     if not isinstance(data, Mapping) or "rules" not in data:
         # An empty or truncated file must not silently become "allow everything".

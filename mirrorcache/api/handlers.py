@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -168,16 +169,9 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, digest: D
             if end > start:
                 first = await anext(chunks)  # fail cleanly (OCI JSON) if nothing came at all
         await resp.prepare(request)
-        try:
-            if first is not None:
-                await resp.write(first)
-            async for chunk in chunks:
-                await resp.write(chunk)
-        except DownloadFailed as exc:
-            _abort(request, exc)
-            return resp
-    await resp.write_eof()
-    return resp
+        if first is not None:
+            await resp.write(first)
+        return await _send_chunks(request, resp, chunks)
 
 
 async def _stream_passthrough(request: web.Request, source: PassthroughBlob
@@ -189,12 +183,18 @@ async def _stream_passthrough(request: web.Request, source: PassthroughBlob
         resp.headers["Content-Range"] = source.content_range
     async with contextlib.aclosing(source.chunks):
         await resp.prepare(request)
-        try:
-            async for chunk in source.chunks:
-                await resp.write(chunk)
-        except DownloadFailed as exc:
-            _abort(request, exc)
-            return resp
+        return await _send_chunks(request, resp, source.chunks)
+
+
+async def _send_chunks(request: web.Request, resp: web.StreamResponse,
+                       chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Write a prepared response's body; a failure mid-body cuts the connection."""
+    try:
+        async for chunk in chunks:
+            await resp.write(chunk)
+    except DownloadFailed as exc:
+        _abort(request, exc)
+        return resp
     await resp.write_eof()
     return resp
 
