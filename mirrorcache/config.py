@@ -241,6 +241,7 @@ class Config:
     default_upstream: str | None
     log: LogConfig = LogConfig()
     workers: int = 1
+    event_loop: str = "asyncio"
     shutdown_grace: float = 30.0
     policy: PolicyConfig = PolicyConfig()
     auth: AuthConfig = AuthConfig()
@@ -474,6 +475,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         default_upstream=default,
         log=log_cfg,
         workers=root.integer("workers", 1, 1, 64),
+        event_loop=root.choice("event_loop", "asyncio", ("asyncio", "uvloop")),
         shutdown_grace=root.duration("shutdown_grace", 30.0),
         policy=policy_cfg,
         auth=auth_cfg,

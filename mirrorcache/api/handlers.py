@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import re
 from collections.abc import AsyncIterator
+from typing import BinaryIO
 
 import structlog
 from aiohttp import web
@@ -153,6 +156,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 async def _stream_inflight(request: web.Request, source: InflightBlob, digest: Digest
                            ) -> web.StreamResponse:
+    """Send a blob that is still arriving: each verified-safe stretch of the spool file goes
+    out with ``sendfile`` (zero-copy) as soon as it has landed."""
     dl = source.download
     size = dl.size
     assert size is not None
@@ -162,16 +167,43 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, digest: D
     resp.content_length = end - start
     if rng:
         resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    chunks = dl.read(start, end)
-    first: bytes | None = None
-    async with contextlib.aclosing(chunks):
-        with contextlib.suppress(StopAsyncIteration):
-            if end > start:
-                first = await anext(chunks)  # fail cleanly (OCI JSON) if nothing came at all
+    pos = start
+    # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
+    limit = await dl.available(pos, end) if end > start else end
+    with dl.open_file() as f:
         await resp.prepare(request)
-        if first is not None:
-            await resp.write(first)
-        return await _send_chunks(request, resp, chunks)
+        try:
+            while pos < end:
+                if pos >= limit:
+                    limit = await dl.available(pos, end)
+                await _send_file_range(request, resp, f, pos, limit - pos)
+                pos = limit
+        except DownloadFailed as exc:
+            _abort(request, exc)
+            return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
+                           offset: int, count: int) -> None:
+    """``sendfile`` where the event loop has it (asyncio on Linux), else read and write in
+    bounded chunks (uvloop has no loop.sendfile)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+        return
+    except NotImplementedError:
+        pass
+    end = offset + count
+    while offset < end:
+        data = os.pread(f.fileno(), min(1 << 18, end - offset), offset)
+        if not data:
+            raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
+        await resp.write(data)
+        offset += len(data)
 
 
 async def _stream_passthrough(request: web.Request, source: PassthroughBlob

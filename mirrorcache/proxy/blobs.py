@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import structlog
@@ -82,47 +83,50 @@ class Download:
             return max(self.written - 1, 0)
         return min(self.written, self.size - 1)
 
-    def _open(self) -> int:
+    def open_file(self) -> BinaryIO:
+        """The spool file (or, once committed, the blob), opened for reading; an open file
+        stays valid when the spool is renamed into place."""
         for path in (self.path, self.final_path):
             if path is None:
                 continue
             try:
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return open(path, "rb", buffering=0)  # the caller closes it
             except FileNotFoundError:
                 continue
         raise DownloadFailed("BLOB_UNKNOWN", "in-flight blob vanished", status=500)
+
+    async def available(self, pos: int, stop: int) -> int:
+        """Wait until bytes past ``pos`` (up to ``stop``) may be sent; return how far.
+        Raises DownloadFailed if the download fails first."""
+        while True:
+            changed = self._changed
+            if self.error is not None:
+                raise DownloadFailed(self.error.code, self.error.message,
+                                     status=self.error.status)
+            limit = min(self.readable_until(), stop)
+            if pos < limit or (self.done and pos >= stop):
+                return limit
+            if self.done:
+                raise DownloadFailed("UNKNOWN", "in-flight blob shorter than announced")
+            await changed.wait()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes]:
         """Yield bytes [start, end) as they land; raise if the download fails."""
         await self.started.wait()
         if self.error is not None and self.written == 0:
             raise self.error
-        fd = self._open()
-        try:
+        with self.open_file() as f:
             pos = start
             while True:
                 stop = self.size if end is None else end
-                if stop is not None and pos >= stop:
+                if stop is None or pos >= stop:
                     return
-                changed = self._changed
-                if self.error is not None:
-                    raise DownloadFailed(self.error.code, self.error.message,
-                                         status=self.error.status)
-                limit = self.readable_until()
-                if stop is not None:
-                    limit = min(limit, stop)
-                if pos < limit:
-                    data = os.pread(fd, min(READ_CHUNK, limit - pos), pos)
-                    if not data:
-                        raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
-                    pos += len(data)
-                    yield data
-                elif self.done:
-                    return
-                else:
-                    await changed.wait()
-        finally:
-            os.close(fd)
+                limit = await self.available(pos, stop)
+                data = os.pread(f.fileno(), min(READ_CHUNK, limit - pos), pos)
+                if not data:
+                    raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
+                pos += len(data)
+                yield data
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,14 +89,16 @@ async def test_follower_mid_download_range_and_cancelled_leader(
             assert proxy.count("GET", "blob") == 1
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_coalescing_across_two_worker_processes(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str, event_loop: str) -> None:
+    """With asyncio, in-flight bytes go out with sendfile; uvloop has none (read+write)."""
     img = make_image([8_000_000], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     layer = img.layers[0]
     async with CountingProxy(registry.url) as proxy:
         proxy.add_fault(Fault.hang(0.5, kind="blob", method="GET"))
-        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}}, event_loop=event_loop)
         async with MirrorProcess(raw, tmp_path / "proc", workers=2) as m:
             url = f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}"
             # Separate connections, so the kernel spreads them over both workers.
