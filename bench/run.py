@@ -6,7 +6,7 @@ Usage::
     python bench/run.py [--quick] [--workers N] [--big-mib 1024] [--mid-mib 200]
                         [--duration 10] [--reps 3] [--concurrency 50] [--clients 200]
                         [--workdir DIR] [--keep] [--results PATH] [--json PATH]
-                        [--profile] [--no-uvloop] [--seed N]
+                        [--profile] [--no-uvloop] [--mirror-env K=V] [--seed N]
 
 ``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
 minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
@@ -449,8 +449,9 @@ class Mirror:
     """mirrorcache as a subprocess on an empty cache directory."""
 
     def __init__(self, workdir: Path, upstream_url: str, workers: int, n: int,
-                 no_uvloop: bool = False) -> None:
+                 no_uvloop: bool = False, extra_env: dict[str, str] | None = None) -> None:
         self.no_uvloop = no_uvloop
+        self.extra_env = extra_env or {}
         self.dir = workdir / f"mirrorcache-{n}"
         self.dir.mkdir(parents=True)
         self.port = free_port()
@@ -474,6 +475,7 @@ class Mirror:
     def start(self) -> Mirror:
         env = {k: v for k, v in os.environ.items()
                if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as logf:
             entry = ([str(BENCH_DIR / "mcshim.py")] if self.no_uvloop
                      else ["-m", "mirrorcache"])
@@ -611,6 +613,7 @@ class Settings:
     profile: bool
     seed: int
     no_uvloop: bool
+    mirror_env: dict[str, str]
 
 
 @dataclass
@@ -638,7 +641,7 @@ class Bench:
             self.mirror.stop()
         self._n += 1
         self.mirror = Mirror(self.s.workdir, self._up.url, self.s.workers, self._n,
-                             self.s.no_uvloop).start()
+                             self.s.no_uvloop, self.s.mirror_env).start()
         self.sampler.track(self.mirror.proc.pid if self.mirror.proc else None)
         return self.mirror
 
@@ -1176,8 +1179,8 @@ def machine_facts() -> dict[str, str]:
                 break
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
-                            "mirrorcache"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--", "mirrorcache"],
+                           capture_output=True).stdout
     registry = subprocess.run(["docker-registry", "--version"], capture_output=True,
                               text=True).stdout.strip()
     nginx = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()
@@ -1201,8 +1204,9 @@ def machine_facts() -> dict[str, str]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "uvloop": uv,
-        "mirrorcache commit": commit + (" (+ uncommitted changes in mirrorcache/)"
-                                        if dirty else ""),
+        "mirrorcache commit": commit + (
+            f" + uncommitted changes in mirrorcache/ (diff sha256 "
+            f"{hashlib.sha256(dirty).hexdigest()[:12]})" if dirty else ""),
         "upstream / peer": registry,
         "nginx": nginx.replace("nginx version: ", ""),
         "sha256 (hashlib, one core)": f"{sha:.0f} MiB/s: the ceiling of any verifying cold path",
@@ -1222,7 +1226,8 @@ def table(rows: list[Row]) -> str:
 def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[str]) -> str:
     s = b.s
     loop = ("asyncio (uvloop hidden: --no-uvloop)" if s.no_uvloop
-            else "mirrorcache's default (uvloop when installed)")
+            else "mirrorcache's default")
+    env = " ".join(f"{k}={v}" for k, v in s.mirror_env.items())
     lines = [
         "# mirrorcache benchmark results",
         "",
@@ -1236,6 +1241,7 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         *[f"| {k} | {v} |" for k, v in facts.items()],
         f"| workers | {s.workers} (nginx worker_processes {s.workers}) |",
         f"| event loop | {loop} |",
+        *([f"| mirrorcache extra environment | {env} |"] if env else []),
         f"| load average at start / end | {b.details.get('loadavg', '?')} |",
         f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
         f" load {s.duration:g} s; {s.reps} rep(s), medians |",
@@ -1295,6 +1301,8 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--seed", type=int, help="random seed of the generated blobs")
     p.add_argument("--no-uvloop", action="store_true",
                    help="run mirrorcache with uvloop hidden (bench/mcshim.py): A/B of the loop")
+    p.add_argument("--mirror-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for mirrorcache (A/B runs, e.g. MALLOC_ARENA_MAX=2)")
     a = p.parse_args(argv)
     q = a.quick
     work = a.workdir or BENCH_DIR / ".work" / f"run-{os.getpid()}"
@@ -1312,6 +1320,7 @@ def parse_args(argv: list[str]) -> Settings:
         workdir=work.resolve(), keep=a.keep, results=results, json_path=a.json,
         profile=a.profile, seed=a.seed if a.seed is not None else int.from_bytes(os.urandom(3)),
         no_uvloop=a.no_uvloop,
+        mirror_env=dict(kv.split("=", 1) for kv in a.mirror_env),
     )
 
 
