@@ -459,16 +459,21 @@ class BlobService:
 
 async def _pump(resp: aiohttp.ClientResponse, w: BlobWriter, dl: Download) -> str | None:
     """Copy an upstream body into the writer; None when it ended, else why it broke."""
+    broke: str | None = None
     try:
         async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
             await w.write(chunk)
-            dl.written = w.size
-            dl.notify()
+            if w.size != dl.written:
+                dl.written = w.size
+                dl.notify()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
-    if dl.size is not None and w.size < dl.size:
-        return "short body"
-    return None
+        broke = type(exc).__name__
+    await w.flush()
+    dl.written = w.size
+    dl.notify()
+    if broke is None and dl.size is not None and w.size < dl.size:
+        broke = "short body"
+    return broke
 
 
 def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:

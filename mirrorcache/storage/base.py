@@ -77,6 +77,9 @@ class BlobWriter(Protocol):
 
     async def write(self, chunk: bytes) -> None: ...
 
+    async def flush(self) -> None:
+        """Wait until everything written so far is in ``local_path`` (``size`` counts it)."""
+
     async def commit(self) -> BlobInfo:
         """Verify the digest and publish atomically; raise DigestMismatch and discard otherwise."""
 

@@ -10,7 +10,9 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,20 @@ from mirrorcache.storage.base import (
 log = structlog.get_logger("mirrorcache.storage")
 
 READ_CHUNK = 1 << 20
+#: Chunks smaller than this are written inline when nothing is queued (manifests).
+SYNC_WRITE_MAX = 64 * 1024
+#: Bytes gathered before a write is handed to the writer thread.
+WRITE_BATCH = 1 << 20
+#: Writes queued to the writer thread before ``write`` waits (bounds memory per download).
+MAX_PENDING_WRITES = 4
+#: Chunks per writev (well under IOV_MAX).
+MAX_IOVEC = 256
 
 
 class FsBlobWriter:
-    """A write into ``tmp/``; hashing happens in a worker thread together with the write."""
+    """A write into ``tmp/``. Hashing and writing run in the writer's own thread, pipelined:
+    ``write`` returns while earlier chunks are still being hashed, so the event loop keeps
+    reading the network meanwhile. ``size`` counts bytes that have landed in the file."""
 
     def __init__(self, store: FilesystemBlobStore, digest: Digest) -> None:
         self.digest = digest
@@ -42,36 +54,79 @@ class FsBlobWriter:
         name = keys.temp_prefix(digest) + secrets.token_hex(6) + keys.TMP_SUFFIX
         self._path = store.root / keys.TMP_DIR / name
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._size = 0
+        self._written = 0
+        self._buf: list[bytes] = []
+        self._buf_len = 0
+        self._pending: deque[asyncio.Future[None]] = deque()
+        self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self.finished = False
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._written
 
     @property
     def local_path(self) -> Path | None:
         return self._path
 
-    def _write_sync(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._hash.update(chunk)
+        total = sum(len(c) for c in chunks)
+        n = os.writev(self._fd, chunks)
+        if n < total:  # a short write: finish the rest piece by piece
+            rest = memoryview(b"".join(chunks))[n:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+        self._written += total  # only this thread (or, when idle, the loop) writes
 
     async def write(self, chunk: bytes) -> None:
         if self._closed:
             raise StorageError("write after close")
+        if not self._pending and not self._buf and len(chunk) < SYNC_WRITE_MAX:
+            self._guarded(self._write_sync, [chunk])  # small and nothing queued: inline
+            return
+        self._buf.append(chunk)
+        self._buf_len += len(chunk)
+        if self._buf_len >= WRITE_BATCH or len(self._buf) >= MAX_IOVEC:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        buf, self._buf, self._buf_len = self._buf, [], 0
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mirrorcache-write")
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._write_sync, buf))
+        while len(self._pending) > MAX_PENDING_WRITES:
+            await self._wait(self._pending.popleft())
+
+    async def _wait(self, fut: asyncio.Future[None]) -> None:
         try:
-            if len(chunk) < 65536:
-                self._write_sync(chunk)
-            else:
-                await asyncio.to_thread(self._write_sync, chunk)
+            await fut
         except OSError as exc:
             raise StorageError(f"writing {self.digest}: {exc.strerror}") from exc
-        self._size += len(chunk)
+
+    def _guarded(self, fn: Callable[[list[bytes]], None], chunks: list[bytes]) -> None:
+        try:
+            fn(chunks)
+        except OSError as exc:
+            raise StorageError(f"writing {self.digest}: {exc.strerror}") from exc
+
+    async def flush(self) -> None:
+        """Wait until every byte written so far has landed in the file."""
+        if self._buf:
+            await self._submit()
+        while self._pending:
+            await self._wait(self._pending.popleft())
+
+    async def _drain_quietly(self) -> None:
+        while self._pending:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await self._pending.popleft()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def _close_fd(self) -> None:
         if not self._closed:
@@ -79,12 +134,16 @@ class FsBlobWriter:
             os.close(self._fd)
 
     async def commit(self) -> BlobInfo:
+        try:
+            await self.flush()
+        finally:
+            await self._drain_quietly()
         self._close_fd()
         self.finished = True
         actual = self._hash.hexdigest()
         if actual != self.digest.hex:
             self._unlink()
-            raise DigestMismatch(self.digest, f"{self.digest.algorithm}:{actual}", self._size)
+            raise DigestMismatch(self.digest, f"{self.digest.algorithm}:{actual}", self._written)
         final = self._store.path_of(self.digest)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +154,7 @@ class FsBlobWriter:
         except OSError as exc:
             self._unlink()
             raise StorageError(f"committing {self.digest}: {exc.strerror}") from exc
-        return BlobInfo(self.digest, self._size)
+        return BlobInfo(self.digest, self._written)
 
     def _unlink(self) -> None:
         try:
@@ -104,6 +163,7 @@ class FsBlobWriter:
             pass
 
     async def cancel(self) -> None:
+        await self._drain_quietly()
         self._close_fd()
         self.finished = True
         self._unlink()

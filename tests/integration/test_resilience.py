@@ -174,19 +174,28 @@ async def test_connection_dropped_mid_blob_is_resumed(tmp_path: Path,
         assert proxy.count("GET", "blob") == 2
 
 
+@pytest.mark.parametrize(("size", "offset"), [(500_000, 1234), (6_000_000, 5_900_000)])
 async def test_corrupt_upstream_bytes_never_committed_or_served_complete(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
-    img = make_image([500_000], media="oci", raw=True)
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str, size: int,
+        offset: int) -> None:
+    img = make_image([size], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     layer = img.layers[0]
-    url = f"{tmp_path}"
     async with mirror_via_proxy(tmp_path, registry.url) as (mirror, proxy):
-        proxy.add_fault(Fault.corrupt(offset=1234, kind="blob", method="GET", times=None))
+        proxy.add_fault(Fault.corrupt(offset=offset, kind="blob", method="GET", times=None))
         url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
         for _ in range(2):
             async with aiohttp.ClientSession() as http, http.get(url) as resp:
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
+                if resp.status == 200:
+                    # Bytes were already flowing: the connection is cut short.
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+                else:
+                    # Caught before the first byte: a clean OCI error.
+                    assert size < 1_000_000 and resp.status == 502
+                    assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+            if size > 1_000_000:
+                assert resp.status == 200  # the big one was streaming when the check failed
         assert proxy.count("GET", "blob") == 2  # nothing was cached between the attempts
         store = FilesystemBlobStore(tmp_path / "cache")
         assert await store.stat(Digest.parse(layer.digest)) is None
