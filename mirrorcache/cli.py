@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from mirrorcache.config import ConfigError, load_config, parse_listen
+from mirrorcache.config import Config, ConfigError, load_config, parse_listen
 from mirrorcache.log import configure_logging
 
 
@@ -19,13 +19,20 @@ def _config_path(args: argparse.Namespace) -> str:
     return path
 
 
+def _load(args: argparse.Namespace) -> Config | None:
+    """The config named by --config / $MIRRORCACHE_CONFIG, or None after printing why not."""
+    try:
+        return load_config(_config_path(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mirrorcache.server import serve
 
-    try:
-        config = load_config(_config_path(args))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 1
     if args.listen:
         host, port = parse_listen(args.listen)
@@ -53,10 +60,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from mirrorcache.storage.fs import FilesystemBlobStore
     from mirrorcache.verify import verify_store
 
-    try:
-        config = load_config(_config_path(args))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 1
     configure_logging(config.log.level, "json" if config.log.format == "json" else "console")
     store = FilesystemBlobStore(config.storage.filesystem.path)
