@@ -11,8 +11,9 @@ sha256 (``--hash all``, or ``--hash first``: the first transfer of each distinct
 
 Prints one JSON document on stdout: ``{"wall": s, "bytes": n, "transfers": [...]}`` where each
 transfer has ``url``, ``status``, ``bytes`` (body bytes received), ``length`` (Content-Length),
-``start``/``end`` (seconds since the run began; ``end`` is the last body byte), ``sha256``
-(hex or null) and ``error`` (null when the body arrived complete with status 200/206).
+``start``/``end`` (seconds since the run began; ``end`` is the last body byte), ``connect``
+(seconds the TCP connect took: ~1 s or more means a SYN was dropped, e.g. a full backlog),
+``sha256`` (hex or null) and ``error`` (null when the body arrived complete, status 200/206).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Transfer:
         self.hash = hashlib.sha256() if want_hash else None
         self.t0 = t0
         self.start = time.monotonic() - t0
+        self.connected: float | None = None
         self.end: float | None = None
         self.error: str | None = None
         self.done = False
@@ -74,6 +76,12 @@ class Transfer:
 
     def on_writable(self) -> bool:
         """Send the request; True when it is all sent."""
+        if self.connected is None:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(f"connect: errno {err}")
+                return False
+            self.connected = time.monotonic() - self.t0
         try:
             self.sent += self.sock.send(self.request[self.sent:])
         except (BlockingIOError, InterruptedError):
@@ -158,6 +166,7 @@ class Transfer:
             "bytes": self.received,
             "length": self.length,
             "start": round(self.start, 6),
+            "connect": round(self.connected - self.start, 6) if self.connected else None,
             "end": round(self.end, 6) if self.end is not None else None,
             "sha256": self.hash.hexdigest() if self.hash is not None and not self.error else None,
             "error": self.error,

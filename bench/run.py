@@ -6,7 +6,7 @@ Usage::
     python bench/run.py [--quick] [--workers N] [--big-mib 1024] [--mid-mib 200]
                         [--duration 10] [--reps 3] [--concurrency 50] [--clients 200]
                         [--workdir DIR] [--keep] [--results PATH] [--json PATH]
-                        [--profile] [--no-uvloop] [--mirror-env K=V] [--seed N]
+                        [--profile] [--no-uvloop] [--mirror-env K=V] [--quiet-wait S] [--seed N]
 
 ``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
 minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
@@ -36,8 +36,10 @@ Clients: ``bench/fetch.py`` (one process, epoll, ``recv_into`` a 4 MiB buffer; r
 ~3 GB/s from nginx on one stream, where curl stops near 2 GB/s) for blob pulls; ``wrk -t2 -c32``
 for manifest GETs; ``bench/loadgen.py`` (uvloop, 32 connections, matches wrk against nginx) for
 manifest HEADs, because wrk 4.1 hangs on HEAD. nginx measured with the same clients shows
-their ceiling. Every blob served by mirrorcache is sha256-checked at least once (the 50-way
-cold run hashes one of its streams: the in-flight path; the others are hashed warm).
+their ceiling. Warm measurements follow untimed warm-up pulls (some VMs, this one included,
+reclaim idle page cache within a minute). Every blob served by mirrorcache is sha256-checked
+at least once (the 50-way cold run hashes one of its streams: the in-flight path; the others
+are hashed warm).
 
 Measurements (ratio, goal): 1. cold pull of the big blob through mirrorcache / the peer vs
 straight from the upstream (>= 0.9x); 2. warm pull of it from mirrorcache vs nginx (>= 0.9x)
@@ -54,7 +56,11 @@ the machine facts, per-process CPU seconds per measurement and upstream request 
 ``bench/RESULTS.md`` (full runs; ``--quick`` writes ``bench/.work/RESULTS-quick.md`` unless
 ``--results`` says otherwise). ``--profile`` records mirrorcache with py-spy (if installed)
 during every measurement into ``<workdir>/profiles`` (use with ``--keep``).
-Exit status: 0 when the run completed (goals may fail), 1 on an error.
+The machine may be shared: before each measurement the script waits (``--quiet-wait``
+budget) until other processes use < 0.15 CPUs, records the CPU every other process used
+meanwhile (``/proc/stat``), marks a measurement noisy above 10% of all CPUs, and takes medians
+over the quiet repetitions. Exit status: 0 when the run completed (goals may fail), 1 on an
+error, 130 when interrupted; processes and the work directory are cleaned up in every case.
 """
 
 from __future__ import annotations
@@ -267,6 +273,20 @@ def system_cpu_seconds() -> tuple[float, float, float]:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system) / TICK, (irq + softirq) / TICK, steal / TICK
+
+
+def tcp_counters() -> dict[str, int]:
+    """System-wide TcpExt counters that reveal a full accept queue (dropped SYNs)."""
+    want = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            pairs = dict(zip(head.split()[1:], vals.split()[1:], strict=False))
+            return {k: int(pairs.get(k, 0)) for k in want}
+    return {}
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -531,7 +551,7 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   server {{
-    listen 127.0.0.1:{self.port} backlog=4096;
+    listen 127.0.0.1:{self.port};
     root {root};
   }}
 }}
@@ -597,6 +617,27 @@ class Row:
 
 
 @dataclass
+class Meas:
+    """One measured block; ``noisy`` when other processes on the machine took a noticeable
+    share of the CPU meanwhile (this machine may be shared)."""
+
+    name: str
+    noisy: bool = False
+    waited: float = 0.0
+    tcp: dict[str, int] = field(default_factory=dict)  # TcpExt counter deltas, when non-zero
+
+
+def quiet_median(samples: list[tuple[float, Meas]]) -> float:
+    """Median of the samples measured on a quiet machine (of all, if none was)."""
+    quiet = [v for v, m in samples if not m.noisy]
+    return statistics.median(quiet or [v for v, _ in samples])
+
+
+#: A measurement is noisy when foreign processes used more than this share of all CPUs.
+NOISE_SHARE = 0.10
+
+
+@dataclass
 class Settings:
     quick: bool
     workers: int
@@ -614,6 +655,7 @@ class Settings:
     seed: int
     no_uvloop: bool
     mirror_env: dict[str, str]
+    quiet_wait: float
 
 
 @dataclass
@@ -621,7 +663,7 @@ class Bench:
     s: Settings
     rows: list[Row] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
-    cpu: list[tuple[str, dict[str, float], float, float]] = field(default_factory=list)
+    cpu: list[tuple[Meas, dict[str, float], float, float]] = field(default_factory=list)
     verified: dict[str, str] = field(default_factory=dict)
     mirror: Mirror | None = None
     peer: RegistryProcess | None = None
@@ -631,6 +673,7 @@ class Bench:
     _n: int = 0
 
     def __post_init__(self) -> None:
+        self.quiet_budget = self.s.quiet_wait
         self.sampler = RssSampler()
         self.ulog: UpstreamLog | None = None
 
@@ -697,20 +740,38 @@ class Bench:
             "nginx": cpu_seconds(self.nginx.tree()) if self.nginx else 0.0,
         }
 
+    def _wait_quiet(self) -> float:
+        """Wait (within the run's budget) until the rest of the machine uses < 0.15 CPUs."""
+        t0 = time.monotonic()
+        limit = min(15.0, self.quiet_budget)
+        while limit > 0:
+            a = system_cpu_seconds()[0]
+            time.sleep(0.3)
+            if (system_cpu_seconds()[0] - a) / 0.3 < 0.15:
+                break
+            if time.monotonic() - t0 > limit:
+                break
+        waited = max(time.monotonic() - t0 - 0.3, 0.0)
+        self.quiet_budget -= waited
+        return waited
+
     @contextlib.contextmanager
-    def measured(self, name: str) -> Iterator[None]:
+    def measured(self, name: str) -> Iterator[Meas]:
         """CPU seconds of every server (and this script's children: the clients) in a block;
         with --profile, py-spy records mirrorcache meanwhile."""
+        meas = Meas(name)
         os.sync()  # write-back of the previous step must not land in this one
+        meas.waited = self._wait_quiet()
         spy = (self._start_profile(name)
                if self.s.profile and "mirrorcache" in name else None)
         before = self._cpu_snapshot()
         self.sampler.reset_window()
         ru = os.times()
         sys0 = system_cpu_seconds()
+        tcp0 = tcp_counters()
         t0 = time.monotonic()
         try:
-            yield
+            yield meas
         finally:
             wall = time.monotonic() - t0
             after = self._cpu_snapshot()
@@ -727,8 +788,11 @@ class Bench:
             # Every other process on the machine (other users' jobs, kernel threads): noise.
             used["other"] = round(max(tasks - sum(v for k, v in used.items()
                                                    if k not in ("softirq", "steal")), 0), 2)
+            tcp1 = tcp_counters()
+            meas.tcp = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1 if tcp1[k] - tcp0.get(k, 0)}
+            meas.noisy = used["other"] > max(NOISE_SHARE * wall * (os.cpu_count() or 1), 0.05)
             self.sampler.sample()
-            self.cpu.append((name, used, round(wall, 2), round(self.sampler.window_kb / 1024, 1)))
+            self.cpu.append((meas, used, round(wall, 2), round(self.sampler.window_kb / 1024, 1)))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -845,35 +909,38 @@ class Bench:
         log(f"1. cold pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
         up_url = self.blob_url(self._up.url, img, blob)
         self.pull_one(up_url, blob, "upstream warm-up")
-        up, mc, peer = [], [], []
+        up: list[tuple[float, Meas]] = []
+        mc: list[tuple[float, Meas]] = []
+        peer: list[tuple[float, Meas]] = []
         mc_gets, peer_gets = [], []
         for rep in range(self.s.reps):
-            with self.measured(f"cold big: upstream direct #{rep + 1}"):
-                up.append(self.pull_one(up_url, blob, "upstream"))
+            with self.measured(f"cold big: upstream direct #{rep + 1}") as m:
+                up.append((self.pull_one(up_url, blob, "upstream"), m))
             if rep:
                 self.restart_both()
             self.get_manifest(self._m.url, img)
             self.get_manifest(self._p.url, img)
             mark = self.ulog.mark() if self.ulog else 0
-            with self.measured(f"cold big: mirrorcache #{rep + 1}"):
-                mc.append(self.pull_one(self.blob_url(self._m.url, img, blob), blob,
-                                        "mirrorcache cold"))
+            with self.measured(f"cold big: mirrorcache #{rep + 1}") as m:
+                mc.append((self.pull_one(self.blob_url(self._m.url, img, blob), blob,
+                                         "mirrorcache cold"), m))
             reqs = self.upstream_requests(mark)
             mc_gets.append(_count_gets(reqs, blob))
             self.details.setdefault("upstream requests: cold big via mirrorcache",
                                     summarize_requests(reqs))
             mark = self.ulog.mark() if self.ulog else 0
-            with self.measured(f"cold big: peer #{rep + 1}"):
-                peer.append(self.pull_one(self.blob_url(self._p.url, img, blob), blob,
-                                          "peer cold"))
+            with self.measured(f"cold big: peer #{rep + 1}") as m:
+                peer.append((self.pull_one(self.blob_url(self._p.url, img, blob), blob,
+                                           "peer cold"), m))
                 self.wait_peer_stored(blob)
             reqs = self.upstream_requests(mark)
             peer_gets.append(_count_gets(reqs, blob))
             self.details.setdefault("upstream requests: cold big via peer",
                                     summarize_requests(reqs))
-        tp = {k: _mibps(blob.size, statistics.median(v))
+        tp = {k: _mibps(blob.size, quiet_median(v))
               for k, v in (("up", up), ("mc", mc), ("peer", peer))}
-        self.details["cold big samples (s)"] = {"upstream": up, "mirrorcache": mc, "peer": peer}
+        self.details["cold big samples (s)"] = {
+            "upstream": _fmt(up), "mirrorcache": _fmt(mc), "peer": _fmt(peer)}
         size = _size_label(blob.size)
         self.rows.append(_ratio_row(f"1. cold pull {size}: mirrorcache vs upstream direct",
                                     tp["mc"], tp["up"], "MiB/s", 0.9))
@@ -891,38 +958,41 @@ class Bench:
         self.verify(mc_url, blob, "warm, mirrorcache")
         self.pull_one(self.ngx_url(blob), blob, "nginx warm-up")
         self.pull_one(peer_url, blob, "peer warm-up")
-        mc, ngx, peer = [], [], []
+        mc: list[tuple[float, Meas]] = []
+        ngx: list[tuple[float, Meas]] = []
+        peer: list[tuple[float, Meas]] = []
         for rep in range(self.s.reps):
-            with self.measured(f"warm big: mirrorcache #{rep + 1}"):
-                mc.append(self.pull_one(mc_url, blob, "mirrorcache warm"))
-            with self.measured(f"warm big: nginx #{rep + 1}"):
-                ngx.append(self.pull_one(self.ngx_url(blob), blob, "nginx"))
-            with self.measured(f"warm big: peer #{rep + 1}"):
-                peer.append(self.pull_one(peer_url, blob, "peer warm"))
-        self.details["warm big samples (s)"] = {"mirrorcache": mc, "nginx": ngx, "peer": peer}
-        t_mc = _mibps(blob.size, statistics.median(mc))
+            with self.measured(f"warm big: mirrorcache #{rep + 1}") as m:
+                mc.append((self.pull_one(mc_url, blob, "mirrorcache warm"), m))
+            with self.measured(f"warm big: nginx #{rep + 1}") as m:
+                ngx.append((self.pull_one(self.ngx_url(blob), blob, "nginx"), m))
+            with self.measured(f"warm big: peer #{rep + 1}") as m:
+                peer.append((self.pull_one(peer_url, blob, "peer warm"), m))
+        self.details["warm big samples (s)"] = {
+            "mirrorcache": _fmt(mc), "nginx": _fmt(ngx), "peer": _fmt(peer)}
+        t_mc = _mibps(blob.size, quiet_median(mc))
         size = _size_label(blob.size)
         self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs nginx", t_mc,
-                                    _mibps(blob.size, statistics.median(ngx)), "MiB/s", 0.9))
+                                    _mibps(blob.size, quiet_median(ngx)), "MiB/s", 0.9))
         self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs peer warm", t_mc,
-                                    _mibps(blob.size, statistics.median(peer)), "MiB/s", 1.0))
+                                    _mibps(blob.size, quiet_median(peer)), "MiB/s", 1.0))
 
     def phase_concurrent_cold(self) -> None:
         img, blob = self.mid
         n = self.s.concurrency
         size = _size_label(blob.size)
         log(f"3. {n} concurrent cold GETs of the {size} blob")
-        singles: dict[str, list[float]] = {"mirrorcache": [], "peer": []}
+        singles: dict[str, list[tuple[float, Meas]]] = {"mirrorcache": [], "peer": []}
         for rep in range(self.s.reps):
             self.restart_both()
             self.get_manifest(self._m.url, img)
             self.get_manifest(self._p.url, img)
-            with self.measured(f"cold mid single: mirrorcache #{rep + 1}"):
-                singles["mirrorcache"].append(self.pull_one(
-                    self.blob_url(self._m.url, img, blob), blob, "mirrorcache cold single"))
-            with self.measured(f"cold mid single: peer #{rep + 1}"):
-                singles["peer"].append(self.pull_one(
-                    self.blob_url(self._p.url, img, blob), blob, "peer cold single"))
+            with self.measured(f"cold mid single: mirrorcache #{rep + 1}") as m:
+                singles["mirrorcache"].append((self.pull_one(
+                    self.blob_url(self._m.url, img, blob), blob, "mirrorcache cold single"), m))
+            with self.measured(f"cold mid single: peer #{rep + 1}") as m:
+                singles["peer"].append((self.pull_one(
+                    self.blob_url(self._p.url, img, blob), blob, "peer cold single"), m))
                 self.wait_peer_stored(blob)
         self.restart_both()
         self.get_manifest(self._m.url, img)
@@ -944,23 +1014,25 @@ class Bench:
                          and r["http.request.uri"].endswith(blob.digest)]
             results[who] = {"wall": res["wall"], "gets": _count_gets(reqs, blob),
                             "errors": len(errors), "upstream_get_durations": durations,
-                            "bytes": res["bytes"]}
+                            "bytes": res["bytes"],
+                            "connect_s_max": max((t["connect"] or 0) for t in res["transfers"])}
             self.details[f"upstream requests: {n} concurrent cold via {who}"] = \
                 summarize_requests(reqs)
         # The floor on this machine: the same bytes to the same client, from nginx, warm.
+        self.pull_one(self.ngx_url(blob), blob, "nginx warm-up")
         with self.measured(f"warm mid x{n}: nginx (floor)"):
             floor = self.fetch([self.ngx_url(blob)] * n, hash_mode="first", timeout=600)
         results["nginx warm"] = {"wall": floor["wall"], "bytes": floor["bytes"]}
         self.details[f"cold mid: single pulls (s), {n}-way results"] = {
-            "single": singles, "concurrent": results}
+            "single": {k: _fmt(v) for k, v in singles.items()}, "concurrent": results}
         mc, pr = results["mirrorcache"], results["peer"]
         self.rows.append(Row(f"3. {n}x cold GET {size}: upstream GETs of the blob",
                              str(mc["gets"]), f"{pr['gets']} (peer)", "", "== 1",
                              mc["gets"] == 1))
         self.rows.append(Row(f"3. {n}x cold GET {size}: client errors", str(mc["errors"]),
                              f"{pr['errors']} (peer)", "", "== 0", mc["errors"] == 0))
-        s_mc = statistics.median(singles["mirrorcache"])
-        s_pr = statistics.median(singles["peer"])
+        s_mc = quiet_median(singles["mirrorcache"])
+        s_pr = quiet_median(singles["peer"])
         ratio = mc["wall"] / s_mc
         self.rows.append(Row(f"3. {n}x cold GET {size}: wall vs one cold pull",
                              f"{mc['wall']:.2f} s", f"{s_mc:.2f} s (1 pull)", f"{ratio:.2f}x",
@@ -1079,10 +1151,15 @@ class Bench:
             "peer": [self.blob_url(self._p.url, i, b) for i, b in plan],
         }
         by_url = {self.blob_url(self._m.url, i, b): b for i, b in plan}
+        for who in urls:  # warm-up: page cache of every server (this VM reclaims idle pages)
+            for u in dict.fromkeys(urls[who]):
+                self.fetch([u])
+        tcp_drops: dict[str, int] = {}
         for rep in range(self.s.reps):
             for who in ("mirrorcache", "nginx", "peer"):
-                with self.measured(f"{n} clients warm: {who} #{rep + 1}"):
+                with self.measured(f"{n} clients warm: {who} #{rep + 1}") as m:
                     r = self.fetch(urls[who], hash_mode="first", timeout=600)
+                tcp_drops[who] = tcp_drops.get(who, 0) + m.tcp.get("ListenOverflows", 0)
                 sizes = {u: b.size for u, (_, b) in zip(urls[who], plan, strict=True)}
                 errors = [t for t in r["transfers"]
                           if t["error"] or t["bytes"] != sizes[t["url"]]]
@@ -1091,18 +1168,28 @@ class Bench:
                         if t["sha256"] is not None:
                             self._check_digest(t, by_url[t["url"]], f"warm, {n} concurrent")
                 res[who].append({"wall": r["wall"], "bytes": r["bytes"], "errors": len(errors),
+                                 "noisy": m.noisy,
                                  "first_errors": [e["error"] for e in errors[:3]],
+                                 "connect_s_max": max((t["connect"] or 0)
+                                                      for t in r["transfers"]),
+                                 "connects_over_0.5s": sum(1 for t in r["transfers"]
+                                                           if (t["connect"] or 0) > 0.5),
                                  "slowest": round(max((t["end"] or 0) - t["start"]
                                                       for t in r["transfers"]), 3)})
         self.details[f"{n} clients warm results"] = res
 
         def tput(who: str) -> float:
-            return statistics.median(_mibps(x["bytes"], x["wall"]) for x in res[who])
+            return quiet_median([(_mibps(x["bytes"], x["wall"]), Meas("", x["noisy"]))
+                                 for x in res[who]])
 
         errs = sum(x["errors"] for x in res["mirrorcache"])
         self.rows.append(Row(f"6. {n} clients warm: errors", str(errs),
                              f"{sum(x['errors'] for x in res['nginx'])} (nginx)", "", "== 0",
                              errs == 0))
+        slow = sum(x["connects_over_0.5s"] for x in res["mirrorcache"])
+        self.rows.append(Row(f"6. {n} clients warm: SYNs dropped by a full accept queue",
+                             f"{tcp_drops.get('mirrorcache', 0)} ({slow} connects > 0.5 s)",
+                             f"{tcp_drops.get('nginx', 0)} (nginx)", "", "info", None))
         self.rows.append(_ratio_row(f"6. {n} clients warm: aggregate throughput vs nginx",
                                     tput("mirrorcache"), tput("nginx"), "MiB/s", 0.8))
         self.rows.append(_ratio_row(f"6. {n} clients warm: aggregate throughput vs peer",
@@ -1139,6 +1226,10 @@ class Bench:
         self.rows.append(Row("digests of bytes served by mirrorcache",
                              f"{len(self.verified) - len(bad)}/{len(blobs)} ok", "", "",
                              "all", not bad and len(self.verified) == len(blobs)))
+
+
+def _fmt(samples: list[tuple[float, Meas]]) -> list[str]:
+    return [f"{v:.3f}" + (" (noisy)" if m.noisy else "") for v, m in samples]
 
 
 def _count_gets(reqs: list[dict[str, Any]], blob: BlobFile) -> int:
@@ -1213,6 +1304,18 @@ def machine_facts() -> dict[str, str]:
     }
 
 
+def noise_summary(b: Bench) -> str:
+    noisy = [m.name for m, *_ in b.cpu if m.noisy]
+    waited = sum(m.waited for m, *_ in b.cpu)
+    text = (f"Noise: {len(noisy)} of {len(b.cpu)} measurements ran while other processes on"
+            f" the machine used more than {NOISE_SHARE:.0%} of its CPUs (waited {waited:.0f} s"
+            " in all for quiet before measuring).")
+    if noisy:
+        text += (" Medians use the quiet repetitions where there are any; noisy: "
+                 + ", ".join(noisy) + ".")
+    return text
+
+
 def table(rows: list[Row]) -> str:
     head = ("measure", "mirrorcache", "reference", "ratio", "goal", "result")
     data = [head] + [(r.measure, r.mine, r.ref, r.ratio, r.goal, r.result) for r in rows]
@@ -1250,19 +1353,25 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         "",
         table(b.rows),
         "",
+        noise_summary(b),
+        "",
         "## CPU seconds per measurement",
         "",
         "Per process (tree) during each measurement; `clients` is fetch.py / wrk / loadgen,"
         " `bench` this script (its RSS sampler), `softirq` the kernel's interrupt time (loopback"
         " TCP, mostly), `other` every other process on the machine (from /proc/stat: not"
         " started by the benchmark, i.e. noise)."
-        " The last column is the peak of mirrorcache's summed VmRSS (sampled every 100 ms)"
-        " during the measurement.",
+        " `mirrorcache peak RSS` is the peak of its summed VmRSS (sampled every 100 ms) during"
+        " the measurement; `TCP drops` the system-wide TcpExt counters ListenOverflows /"
+        " ListenDrops / TCPSynRetrans that moved (a full accept backlog drops SYNs, and each"
+        " costs the client a 1 s retransmit timeout).",
         "",
-        "| measurement | wall s | cpu s | mirrorcache peak RSS MB |",
-        "|---|---|---|---|",
-        *[f"| {name} | {wall} | " + ", ".join(f"{k} {v}" for k, v in used.items())
-          + f" | {rss} |" for name, used, wall, rss in b.cpu],
+        "| measurement | wall s | cpu s | mirrorcache peak RSS MB | TCP drops |",
+        "|---|---|---|---|---|",
+        *[f"| {m.name}{' **(noisy)**' if m.noisy else ''} | {wall} | "
+          + ", ".join(f"{k} {v}" for k, v in used.items())
+          + f" | {rss} | " + (", ".join(f"{k} {v}" for k, v in m.tcp.items()) or "-") + " |"
+          for m, used, wall, rss in b.cpu],
         "",
         "## Details",
         "",
@@ -1301,6 +1410,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--seed", type=int, help="random seed of the generated blobs")
     p.add_argument("--no-uvloop", action="store_true",
                    help="run mirrorcache with uvloop hidden (bench/mcshim.py): A/B of the loop")
+    p.add_argument("--quiet-wait", type=float, metavar="S",
+                   help="before each measurement wait for other processes to go quiet, at most"
+                   " S seconds over the run (default 120, quick 30; 0: never)")
     p.add_argument("--mirror-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for mirrorcache (A/B runs, e.g. MALLOC_ARENA_MAX=2)")
     a = p.parse_args(argv)
@@ -1321,6 +1433,7 @@ def parse_args(argv: list[str]) -> Settings:
         profile=a.profile, seed=a.seed if a.seed is not None else int.from_bytes(os.urandom(3)),
         no_uvloop=a.no_uvloop,
         mirror_env=dict(kv.split("=", 1) for kv in a.mirror_env),
+        quiet_wait=a.quiet_wait if a.quiet_wait is not None else (30.0 if q else 120.0),
     )
 
 
@@ -1359,6 +1472,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         facts = machine_facts()
         print(table(bench.rows))
+        print("\n" + noise_summary(bench))
         print(f"\nrun time {elapsed:.0f} s; {facts['nproc']} CPUs, {facts['memory']}, "
               f"kernel {facts['kernel']}, Python {facts['python']}, aiohttp {facts['aiohttp']}")
         s.results.parent.mkdir(parents=True, exist_ok=True)
@@ -1367,7 +1481,9 @@ def main(argv: list[str] | None = None) -> int:
         if s.json_path is not None:
             s.json_path.write_text(json.dumps(
                 {"facts": facts, "rows": [r.__dict__ | {"result": r.result} for r in bench.rows],
-                 "cpu": bench.cpu, "details": bench.details}, indent=1, default=str))
+                 "cpu": [{"measurement": m.name, "noisy": m.noisy, "cpu": used, "wall": wall,
+                          "mirrorcache_rss_mb": rss} for m, used, wall, rss in bench.cpu],
+                 "details": bench.details}, indent=1, default=str))
         return 0
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
