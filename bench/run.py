@@ -1387,8 +1387,7 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
 
 def parse_args(argv: list[str]) -> Settings:
     p = argparse.ArgumentParser(
-        prog="bench/run.py", description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (top of bench/run.py) for what is measured.",
+        prog="bench/run.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="256 MiB / 50 MiB blobs, 5 s load, 1 repetition (about a minute)")
