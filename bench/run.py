@@ -6,7 +6,8 @@ Usage::
     python bench/run.py [--quick] [--workers N] [--big-mib 1024] [--mid-mib 200]
                         [--duration 10] [--reps 3] [--concurrency 50] [--clients 200]
                         [--workdir DIR] [--keep] [--results PATH] [--json PATH]
-                        [--profile] [--no-uvloop] [--mirror-env K=V] [--quiet-wait S] [--seed N]
+                        [--profile] [--no-uvloop] [--mirror-env K=V] [--quiet-wait S]
+                        [--upstream-mibps N] [--seed N]
 
 ``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
 minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
@@ -31,6 +32,12 @@ Everything runs on 127.0.0.1, as processes of this script, under a work director
   the work directory (``workers: N`` only when ``--workers`` > 1). Fresh caches mean a new
   process on an empty directory; mirrorcache and the peer are restarted that way before every
   cold measurement.
+
+``--upstream-mibps N`` puts the upstream behind a second nginx, a reverse proxy sending at
+most N MiB/s per connection, for mirrorcache, the peer and the direct pulls alike: an
+upstream across a WAN link. On plain loopback the upstream serves from page cache faster than
+any verifying proxy can hash (sha256 is ~1.7 GiB/s per core), and 50 clients of one blob need
+50 times its bytes: goals 1 and 3 mean most with a realistic upstream link.
 
 Clients: ``bench/fetch.py`` (one process, epoll, ``recv_into`` a 4 MiB buffer; reaches
 ~3 GB/s from nginx on one stream, where curl stops near 2 GB/s) for blob pulls; ``wrk -t2 -c32``
@@ -528,8 +535,10 @@ class Mirror:
 
 
 class Nginx:
-    def __init__(self, workdir: Path, root: Path, workers: int) -> None:
-        self.dir = workdir / "nginx"
+    """nginx as our own process: ``server`` is the body of its one server block."""
+
+    def __init__(self, workdir: Path, name: str, workers: int, server: str) -> None:
+        self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -552,7 +561,7 @@ http {{
   scgi_temp_path {d}/scgi;
   server {{
     listen 127.0.0.1:{self.port};
-    root {root};
+    {server}
   }}
 }}
 """)
@@ -588,6 +597,25 @@ http {{
         if self.proc is not None:
             stop_process(self.proc, signal.SIGQUIT)
             self.proc = None
+
+
+def throttle_server(upstream_url: str, mibps: int) -> str:
+    """A reverse proxy to the upstream sending at most ``mibps`` MiB/s per connection: an
+    upstream across a WAN link rather than on loopback."""
+    return f"""location / {{
+      proxy_pass {upstream_url};
+      proxy_http_version 1.1;
+      proxy_set_header Host $http_host;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+      proxy_buffer_size 64k;
+      proxy_buffers 16 1m;
+      proxy_busy_buffers_size 2m;
+      proxy_max_temp_file_size 0;
+      proxy_read_timeout 600s;
+      send_timeout 600s;
+      limit_rate {mibps * MiB};
+    }}"""
 
 
 def peer_blob_path(peer: RegistryProcess, digest: str) -> Path:
@@ -656,6 +684,7 @@ class Settings:
     no_uvloop: bool
     mirror_env: dict[str, str]
     quiet_wait: float
+    upstream_mibps: int
 
 
 @dataclass
@@ -673,6 +702,7 @@ class Bench:
     _n: int = 0
 
     def __post_init__(self) -> None:
+        self.throttle: Nginx | None = None
         self.quiet_budget = self.s.quiet_wait
         self.sampler = RssSampler()
         self.ulog: UpstreamLog | None = None
@@ -683,7 +713,7 @@ class Bench:
             self.sampler.track(None)
             self.mirror.stop()
         self._n += 1
-        self.mirror = Mirror(self.s.workdir, self._up.url, self.s.workers, self._n,
+        self.mirror = Mirror(self.s.workdir, self.up_url, self.s.workers, self._n,
                              self.s.no_uvloop, self.s.mirror_env).start()
         self.sampler.track(self.mirror.proc.pid if self.mirror.proc else None)
         return self.mirror
@@ -696,7 +726,7 @@ class Bench:
         d = self.s.workdir / f"peer-{self._n}"
         d.mkdir()
         self.peer = RegistryProcess(
-            proxy_remote_url=self._up.url, workdir=d, log_level="warn",
+            proxy_remote_url=self.up_url, workdir=d, log_level="warn",
             extra_config={"log": {"accesslog": {"disabled": True}}}).start()
         return self.peer
 
@@ -708,6 +738,12 @@ class Bench:
     def _up(self) -> RegistryProcess:
         assert self.upstream is not None
         return self.upstream
+
+    @property
+    def up_url(self) -> str:
+        """Where the proxies and the direct pulls reach the upstream (through the throttle
+        with --upstream-mibps)."""
+        return self.throttle.url if self.throttle is not None else self._up.url
 
     @property
     def _m(self) -> Mirror:
@@ -728,6 +764,8 @@ class Bench:
             self.peer.close()
         if self.nginx is not None:
             self.nginx.stop()
+        if self.throttle is not None:
+            self.throttle.stop()
         if self.upstream is not None:
             self.upstream.close()
 
@@ -738,6 +776,7 @@ class Bench:
             "peer": cpu_seconds(registry_pids(self.peer)),
             "upstream": cpu_seconds(registry_pids(self.upstream)),
             "nginx": cpu_seconds(self.nginx.tree()) if self.nginx else 0.0,
+            "throttle": cpu_seconds(self.throttle.tree()) if self.throttle else 0.0,
         }
 
     def _wait_quiet(self) -> float:
@@ -888,7 +927,10 @@ class Bench:
         t0 = time.monotonic()
         asyncio.run(_push(self.upstream.url, self.images))
         log(f"pushed to the upstream {self.upstream.url} in {time.monotonic() - t0:.1f}s")
-        self.nginx = Nginx(s.workdir, blobs_dir, s.workers).start()
+        self.nginx = Nginx(s.workdir, "nginx", s.workers, f"root {blobs_dir};").start()
+        if s.upstream_mibps:
+            self.throttle = Nginx(s.workdir, "throttle", 1,
+                                  throttle_server(self.upstream.url, s.upstream_mibps)).start()
         self.sampler.start()
         self.restart_both()
 
@@ -907,7 +949,7 @@ class Bench:
     def phase_cold_big(self) -> None:
         img, blob = self.big
         log(f"1. cold pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
-        up_url = self.blob_url(self._up.url, img, blob)
+        up_url = self.blob_url(self.up_url, img, blob)
         self.pull_one(up_url, blob, "upstream warm-up")
         up: list[tuple[float, Meas]] = []
         mc: list[tuple[float, Meas]] = []
@@ -1344,6 +1386,9 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         *[f"| {k} | {v} |" for k, v in facts.items()],
         f"| workers | {s.workers} (nginx worker_processes {s.workers}) |",
         f"| event loop | {loop} |",
+        "| upstream link | " + (f"nginx reverse proxy, limit_rate {s.upstream_mibps} MiB/s per"
+                                " connection (--upstream-mibps)" if s.upstream_mibps
+                                else "loopback, unthrottled") + " |",
         *([f"| mirrorcache extra environment | {env} |"] if env else []),
         f"| load average at start / end | {b.details.get('loadavg', '?')} |",
         f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
@@ -1412,6 +1457,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--quiet-wait", type=float, metavar="S",
                    help="before each measurement wait for other processes to go quiet, at most"
                    " S seconds over the run (default 120, quick 30; 0: never)")
+    p.add_argument("--upstream-mibps", type=int, default=0, metavar="N",
+                   help="put the upstream behind an nginx reverse proxy sending at most N MiB/s"
+                   " per connection (a WAN upstream; default: straight loopback)")
     p.add_argument("--mirror-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for mirrorcache (A/B runs, e.g. MALLOC_ARENA_MAX=2)")
     a = p.parse_args(argv)
@@ -1432,6 +1480,7 @@ def parse_args(argv: list[str]) -> Settings:
         profile=a.profile, seed=a.seed if a.seed is not None else int.from_bytes(os.urandom(3)),
         no_uvloop=a.no_uvloop,
         mirror_env=dict(kv.split("=", 1) for kv in a.mirror_env),
+        upstream_mibps=a.upstream_mibps,
         quiet_wait=a.quiet_wait if a.quiet_wait is not None else (30.0 if q else 120.0),
     )
 
