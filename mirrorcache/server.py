@@ -29,6 +29,9 @@ from mirrorcache.tls import server_ssl_context
 
 log = structlog.get_logger("mirrorcache.server")
 
+#: Listen backlog: CI fleets open hundreds of connections at once (aiohttp's default is 128,
+#: which drops SYNs under 200 simultaneous pulls; nginx uses 511).
+LISTEN_BACKLOG = 1024
 #: A worker that dies sooner than this after its start is restarted only after a pause.
 RESTART_BACKOFF = 1.0
 
@@ -57,7 +60,7 @@ def serve_one(config: Config, *, worker: int | None = None) -> None:
         kwargs["reuse_port"] = True
         structlog.contextvars.bind_contextvars(worker=worker)
     web.run_app(app, host=config.listen_host, port=config.listen_port, access_log=None,
-                print=None, shutdown_timeout=config.shutdown_grace,
+                print=None, shutdown_timeout=config.shutdown_grace, backlog=LISTEN_BACKLOG,
                 ssl_context=server_ssl_context(config.tls), loop=_new_loop(config.event_loop),
                 **kwargs)
 
