@@ -60,9 +60,16 @@ Repeated single-stream figures are medians over ``--reps``.
 
 Prints a table (measure, mirrorcache, reference, ratio, goal, pass/fail) and writes it with
 the machine facts, per-process CPU seconds per measurement and upstream request breakdowns to
-``bench/RESULTS.md`` (full runs; ``--quick`` writes ``bench/.work/RESULTS-quick.md`` unless
-``--results`` says otherwise). ``--profile`` records mirrorcache with py-spy (if installed)
-during every measurement into ``<workdir>/profiles`` (use with ``--keep``).
+``bench/RESULTS.md`` (full runs; ``--quick`` writes ``bench/.work/RESULTS-quick.md``, unless
+``--results`` says otherwise). ``bench/RESULTS-workers2.md`` and
+``bench/RESULTS-upstream200.md`` hold full runs with ``--workers 2`` and
+``--upstream-mibps 200``.
+
+``--profile`` records mirrorcache with py-spy (``pip install py-spy``) during each of its
+measurements into ``<workdir>/profiles`` as speedscope JSON (use with ``--keep``).
+``--no-uvloop`` hides uvloop from mirrorcache (``bench/mcshim.py``) and ``--mirror-env``
+adds environment variables: A/B runs.
+
 The machine may be shared: before each measurement the script waits (``--quiet-wait``
 budget) until other processes use < 0.15 CPUs, records the CPU every other process used
 meanwhile (``/proc/stat``), marks a measurement noisy above 10% of all CPUs, and takes medians
