@@ -61,7 +61,6 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if path.kind == "tags":
         params = parse_page(request.query.get("n"), request.query.get("last"))
         return await _relay(request, target, path, "tags/list", params, "NAME_UNKNOWN")
-    Digest.parse(path.reference)
     params = parse_artifact_type(request.query.get("artifactType"))
     return await _relay(request, target, path, f"referrers/{path.reference}", params,
                         "MANIFEST_UNKNOWN")
