@@ -67,6 +67,8 @@ def serve_one(config: Config, *, worker: int | None = None) -> None:
 
 def _worker_main(config: Config, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns ^C into SIGTERM
+    # A reload request that arrives before the app installs its handler must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     serve_one(config, worker=index)
 
 

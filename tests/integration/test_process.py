@@ -123,3 +123,34 @@ async def test_sigterm_lets_inflight_pull_finish(tmp_path: Path, registry: Regis
             assert await m.wait(30) == 0
             # Stopped accepting: a new connection is refused.
             assert await fetch(http, f"{m.url}/v2/") is None
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def test_supervisor_restarts_a_dead_worker_and_survives_sighup(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    import os
+
+    img = make_image([50_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    raw = mirror_config(tmp_path, {"docker.io": {"url": registry.url}})
+    async with MirrorProcess(raw, tmp_path / "proc", workers=2) as m:
+        assert m.proc is not None
+        workers = [e["pid"] for e in m.events("server.worker_started")]
+        assert len(workers) == 2 and all(p in _children(m.proc.pid) for p in workers)
+        os.kill(workers[0], signal.SIGKILL)
+        while len(m.events("app.started")) < 3:  # the replacement is up
+            await asyncio.sleep(0.05)
+        assert m.events("server.worker_died")
+        m.signal(signal.SIGHUP)  # reload request: forwarded, nobody dies
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for _ in range(6):
+                assert await fetch(http, f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}") \
+                    == layer.data
+        assert len(m.events("server.worker_died")) == 1
+        assert m.proc.poll() is None
