@@ -40,7 +40,6 @@ from mirrorcache.upstream.client import UpstreamUnavailable
 log = structlog.get_logger("mirrorcache.blobs")
 
 UPSTREAM_CHUNK = 1 << 20
-READ_CHUNK = 1 << 20
 #: After a storage failure, serve straight from upstream for this long before trying again.
 BYPASS_SECONDS = 30.0
 #: Range requests to resume one broken upstream body before giving up.
@@ -110,24 +109,6 @@ class Download:
                 raise DownloadFailed("UNKNOWN", "in-flight blob shorter than announced")
             await changed.wait()
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes]:
-        """Yield bytes [start, end) as they land; raise if the download fails."""
-        await self.started.wait()
-        if self.error is not None and self.written == 0:
-            raise self.error
-        with self.open_file() as f:
-            pos = start
-            while True:
-                stop = self.size if end is None else end
-                if stop is None or pos >= stop:
-                    return
-                limit = await self.available(pos, stop)
-                data = os.pread(f.fileno(), min(READ_CHUNK, limit - pos), pos)
-                if not data:
-                    raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
-                pos += len(data)
-                yield data
-
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
@@ -141,7 +122,7 @@ class CachedBlob:
 
 @dataclass(frozen=True, slots=True)
 class InflightBlob:
-    """A blob being fetched; read it with ``download.read(start, end)``."""
+    """A blob being fetched: ``download.available()`` says how far its spool may be sent."""
 
     download: Download
     joined: bool

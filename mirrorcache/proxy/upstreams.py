@@ -21,9 +21,6 @@ class Upstreams:
     def __getitem__(self, name: str) -> UpstreamClient:
         return self._clients[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._clients.values())
-
 
 async def relay_error(resp: aiohttp.ClientResponse, default_code: str) -> OCIError:
     """Turn an upstream error response into an OCIError (reads at most a small body)."""

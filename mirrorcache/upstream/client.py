@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -312,8 +311,3 @@ def basic_auth_header(username: str, password: str | None) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
-
-
-def response_headers(resp: aiohttp.ClientResponse, names: tuple[str, ...]) -> dict[str, Any]:
-    """The subset of upstream response headers we relay."""
-    return {n: resp.headers[n] for n in names if n in resp.headers}
