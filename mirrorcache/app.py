@@ -119,8 +119,10 @@ def create_app(config: Config, *, clean_temp: bool = True,
             metrics=metrics,
             ready=ready,
         )
+        # The loop really running (uvloop or asyncio), not the one configured.
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info("app.started", upstreams=sorted(config.upstreams),
-                 storage=str(config.storage.filesystem.path))
+                 storage=str(config.storage.filesystem.path), event_loop=loop)
         janitor = asyncio.create_task(_janitor(blob_store))
         try:
             yield

@@ -43,6 +43,17 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def redact_query(query: str) -> str:
+    """A query string for the logs, with the values of secret-looking parameters removed."""
+    if not _SECRET_KEYS.search(query):
+        return query
+    parts = []
+    for part in query.split("&"):
+        key, sep, _ = part.partition("=")
+        parts.append(f"{key}={REDACTED}" if sep and _SECRET_KEYS.search(key) else part)
+    return "&".join(parts)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog (and route stdlib logging through the same level)."""
     if fmt == "auto":

@@ -2,13 +2,15 @@
 
 The registries are session-scoped (one process each for the whole run); tests keep out of
 each other's way by pushing to ``unique_repo``. Tests marked ``integration`` (and the registry
-fixtures) are skipped with a clear reason only when docker-registry / skopeo are missing.
+fixtures) are skipped with a clear reason only when docker-registry / skopeo are missing, and
+never on CI (``CI=true``), where a missing tool fails the run instead.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -20,16 +22,36 @@ NO_REGISTRY = "docker-registry binary not installed (apt-get install docker-regi
 NO_SKOPEO = "skopeo binary not installed (apt-get install skopeo)"
 
 
+def in_ci(environ: Mapping[str, str]) -> bool:
+    """True on a CI runner (GitHub Actions, GitLab CI, ... set ``CI=true``)."""
+    return environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def integration_gate(missing: list[str], environ: Mapping[str, str]) -> str | None:
+    """The reason to skip integration tests, None to run them; on CI a missing tool is an
+    error (pytest.UsageError), never a silent skip of every integration test."""
+    if not missing:
+        return None
+    reason = "; ".join(missing)
+    if in_ci(environ):
+        raise pytest.UsageError(f"CI=true but integration tools are missing: {reason}")
+    return reason
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``@pytest.mark.integration`` tests if docker-registry or skopeo is missing."""
+    """Skip ``@pytest.mark.integration`` tests if docker-registry or skopeo is missing
+    (outside CI; on CI that fails the run)."""
+    if not any(item.get_closest_marker("integration") is not None for item in items):
+        return
     missing = [
         reason
         for ok, reason in ((registry_binary(), NO_REGISTRY), (skopeo_binary(), NO_SKOPEO))
         if not ok
     ]
-    if not missing:
+    reason = integration_gate(missing, os.environ)
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="; ".join(missing))
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if item.get_closest_marker("integration") is not None:
             item.add_marker(skip)
@@ -37,6 +59,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _require_registry() -> None:
     if registry_binary() is None:
+        if in_ci(os.environ):
+            pytest.fail(f"CI=true: {NO_REGISTRY}")
         pytest.skip(NO_REGISTRY)
 
 

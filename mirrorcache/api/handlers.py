@@ -35,24 +35,30 @@ KIND_KEY = "mc.kind"
 
 async def v2(request: web.Request) -> web.StreamResponse:
     """Every /v2/ endpoint: one entry so every request is validated the same way."""
-    if request.method not in READ_METHODS:
+    read = request.method in READ_METHODS
+    if not read:
         request[KIND_KEY] = "write"
-        raise OCIError("UNSUPPORTED", f"{request.method} is not supported: this mirror is "
-                       "read-only", headers={"Allow": "GET, HEAD"})
+        if request.path in ("/v2", "/v2/"):
+            raise _read_only(request)
+    # The path and its reference are checked before a write is refused, so a malformed
+    # digest is 400 DIGEST_INVALID whatever the method (as the OCI conformance suite wants).
     path = parse_v2_path(request.raw_path.split("?", 1)[0])
-    request[KIND_KEY] = path.kind
+    if read:
+        request[KIND_KEY] = path.kind
     if path.kind == "base":
         return web.json_response({}, headers=API_HEADERS)
+    by_tag = path.kind == "manifest" and not is_digest(path.reference)
+    if by_tag:
+        _check_manifest_tag(path.reference)
+    elif path.kind != "tags":
+        Digest.parse(path.reference)
+    if not read:
+        raise _read_only(request)
     services = request.app[SERVICES]
     target = services.router.resolve(path.name, request.query.get("ns"))
     request[TARGET_KEY] = target
     # Policy before anything touches the cache or an upstream: tag rules apply only when a
     # tag is resolved; digests, blobs, tag lists and referrers follow the repository rule.
-    by_tag = path.kind == "manifest" and not is_digest(path.reference)
-    if by_tag:
-        validate_tag(path.reference)
-    elif path.kind != "tags":
-        Digest.parse(path.reference)
     enforce_policy(request, target, path.reference if by_tag else None)
     if path.kind == "manifest":
         return await _manifest(request, target, path)
@@ -64,6 +70,22 @@ async def v2(request: web.Request) -> web.StreamResponse:
     params = parse_artifact_type(request.query.get("artifactType"))
     return await _relay(request, target, path, f"referrers/{path.reference}", params,
                         "MANIFEST_UNKNOWN")
+
+
+def _read_only(request: web.Request) -> OCIError:
+    return OCIError("UNSUPPORTED", f"{request.method} is not supported: this mirror is "
+                    "read-only", headers={"Allow": "GET, HEAD"})
+
+
+def _check_manifest_tag(reference: str) -> None:
+    """A manifest reference that is neither a tag nor a digest names no manifest: 404
+    MANIFEST_UNKNOWN (what Distribution answers, and the OCI conformance suite expects for
+    ``.INVALID_MANIFEST_NAME``), decided here without asking upstream."""
+    try:
+        validate_tag(reference)
+    except OCIError as exc:
+        raise OCIError("MANIFEST_UNKNOWN", f"no manifest can be named {reference[:140]!r}: "
+                       "it is neither a valid tag nor a digest", status=404) from exc
 
 
 async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.StreamResponse:
@@ -248,7 +270,7 @@ def _rewrite_link(link: str | None, target: Target, path: V2Path) -> str | None:
 async def _relay(request: web.Request, target: Target, path: V2Path, suffix: str,
                  params: dict[str, str], default_code: str) -> web.StreamResponse:
     services = request.app[SERVICES]
-    request[CACHE_KEY] = "bypass"
+    request[CACHE_KEY] = "relay"
     relayed = await services.passthrough.relay(target, suffix, params, default_code)
     headers = dict(API_HEADERS)
     link = _rewrite_link(relayed.link, target, path)

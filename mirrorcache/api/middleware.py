@@ -10,6 +10,7 @@ from aiohttp import web
 from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, TARGET_KEY
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import Handler
+from mirrorcache.log import redact_query
 
 log = structlog.get_logger("mirrorcache.access")
 
@@ -45,6 +46,8 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
     fields = {
         "method": request.method,
         "path": request.path[:512],
+        "query": redact_query(request.query_string[:512]),
+        "route": target.form if target else None,
         "upstream": target.upstream if target else None,
         "repository": target.repository if target else None,
         "status": status,

@@ -147,7 +147,7 @@ class RemoteBlobInfo:
 
     digest: Digest
     size: int | None
-    cache: str = "bypass"
+    cache: str = "relay"
 
 
 BlobSource = CachedBlob | InflightBlob | PassthroughBlob

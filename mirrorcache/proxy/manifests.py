@@ -39,7 +39,7 @@ class ManifestResult:
     media_type: str
     size: int
     body: bytes | None
-    cache: str  # hit | miss | stale | bypass
+    cache: str  # hit | miss | stale | relay (answered by upstream, not cached) | bypass
     warning: str | None = None
 
 
@@ -153,7 +153,7 @@ class ManifestService:
         if rec is not None and not media.accepts(accept, rec.media_type):
             # An old client that cannot take what the tag canonically is: relay its own view.
             return await self._fetch(target, tag, accept or media.DEFAULT_ACCEPT, expect=None,
-                                     cache="bypass")
+                                     cache="relay")
         try:
             result, joined = await self._coalescer.run(
                 ("tag", target.upstream, target.repository, tag),
@@ -271,7 +271,7 @@ class ManifestService:
                 raise await relay_error(resp, "MANIFEST_UNKNOWN")
             digest = Digest.parse(resp.headers.get("Docker-Content-Digest", reference))
             mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
-            return ManifestResult(digest, mt, resp.content_length or 0, None, "bypass")
+            return ManifestResult(digest, mt, resp.content_length or 0, None, "relay")
 
     async def wait_background(self) -> None:
         """Wait for background tag refreshes started so far (tests, shutdown)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from mirrorcache.config import DOCKER_HUB_ALIASES
 from mirrorcache.errors import OCIError
@@ -14,12 +15,21 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
 
 
+#: How the request named its upstream: none (``default_upstream``), ``?ns=``, or a host prefix.
+RouteForm = Literal["default", "ns", "prefix"]
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A canonical repository at a configured upstream: the cache key of everything we store."""
+    """A canonical repository at a configured upstream: the cache key of everything we store.
+
+    ``form`` records how the client addressed it (for logs); it is not part of the identity,
+    so the three forms share one cache key.
+    """
 
     upstream: str
     repository: str
+    form: RouteForm = field(default="default", compare=False)
 
     def __str__(self) -> str:
         return f"{self.upstream}/{self.repository}"
@@ -53,20 +63,21 @@ class Router:
 
     def resolve(self, name: str, ns: str | None = None) -> Target:
         """Resolve the name from the URL path (and containerd's ``ns``) to a Target."""
+        form: RouteForm
         if ns is not None:
             upstream = self._known(ns, "ns")
-            repository = name
+            repository, form = name, "ns"
         else:
             first, sep, rest = name.partition("/")
             if sep and looks_like_host(first):
                 upstream = self._known(first, "path")
-                repository = rest
+                repository, form = rest, "prefix"
             elif self._default is not None:
-                upstream, repository = self._default, name
+                upstream, repository, form = self._default, name, "default"
             else:
                 raise OCIError("NAME_UNKNOWN", "no upstream named in the path or ns, and no "
                                "default_upstream configured", status=404)
         validate_name(repository)
         if upstream == "docker.io" and "/" not in repository:
             repository = f"library/{repository}"
-        return Target(upstream, repository)
+        return Target(upstream, repository, form)

@@ -93,6 +93,8 @@ async def test_follower_mid_download_range_and_cancelled_leader(
 async def test_coalescing_across_two_worker_processes(
         tmp_path: Path, registry: RegistryProcess, unique_repo: str, event_loop: str) -> None:
     """With asyncio, in-flight bytes go out with sendfile; uvloop has none (read+write)."""
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop", reason="the uvloop case needs the speed extra")
     img = make_image([8_000_000], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     layer = img.layers[0]
@@ -113,4 +115,6 @@ async def test_coalescing_across_two_worker_processes(
             assert proxy.count("GET", "blob") == 1
             workers = {e.get("worker") for e in m.events("request.finished")}
             assert workers == {0, 1}
+            # Each worker reports the loop it really runs on (no silent fallback).
+            assert [e["event_loop"] for e in m.events("app.started")] == [event_loop] * 2
             assert m.events("blob.following_peer")

@@ -78,10 +78,11 @@ PATH_ESCAPES = [
     "/v2/library/alpine/manifests/..", "/v2/library/alpine/blobs/uploads/",
     "/v2/library/alpine/blobs/uploads/abc",
 ]
-BAD_TAGS = [
-    "." + "x", "-x", "x" * 129, "v1+build", "v1@x", "v1!", "v1$", "v1%2F", "v1%2e%2e",
-    "%2e%2e", ".", "..",
-]
+# Neither a tag nor a digest, in characters a path may hold: no such manifest (404, as the
+# OCI conformance suite expects for ".INVALID_MANIFEST_NAME"), without asking upstream.
+UNNAMEABLE_TAGS = [".x", "-x", "x" * 129, ".INVALID_MANIFEST_NAME", "-", ".v1.0"]
+# Characters no name, tag or digest may hold: the path itself is refused.
+BAD_TAGS = ["v1+build", "v1@x", "v1!", "v1$", "v1%2F", "v1%2e%2e", "%2e%2e", ".", ".."]
 BAD_DIGESTS = [
     "sha1:" + "a" * 40, "md5:" + "a" * 32, "sha384:" + "a" * 96, "sha256:" + "a" * 63,
     "sha256:" + "a" * 65, "sha256:" + "A" * 64, "sha256:" + "g" * 64, "sha512:" + "a" * 64,
@@ -112,8 +113,10 @@ def table() -> list[Case]:
             cases += case(f"/v2/{name}/{suffix}", 400, "NAME_INVALID")
     for target in PATH_ESCAPES:
         cases += case(target, 405 if "/uploads" in target else 400, None)
+    for tag in UNNAMEABLE_TAGS:
+        cases += case(f"/v2/library/alpine/manifests/{tag}", 404, "MANIFEST_UNKNOWN")
     for tag in BAD_TAGS:
-        cases += case(f"/v2/library/alpine/manifests/{tag}", 400, None)
+        cases += case(f"/v2/library/alpine/manifests/{tag}", 400, "NAME_INVALID")
     for digest in BAD_DIGESTS:
         for suffix in ("manifests", "blobs", "referrers"):
             cases += case(f"/v2/library/alpine/{suffix}/{digest}", 400, "DIGEST_INVALID"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.countingproxy import CountingProxy
 from tests.support.images import Image, Index, make_image, make_multiarch, push_image
@@ -241,3 +242,60 @@ async def test_manifest_head_and_accept(env: Env, unique_repo: str) -> None:
         async with http.get(f"{env.mirror.url}/v2/{unique_repo}/manifests/nope") as resp:
             assert resp.status == 404
             assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_unnameable_manifest_reference_is_404_without_upstream(env: Env,
+                                                                     unique_repo: str) -> None:
+    """The OCI conformance pull workflow: GET and HEAD of ``.INVALID_MANIFEST_NAME`` are 404;
+    a malformed digest stays 400 DIGEST_INVALID, whatever the method."""
+    async with aiohttp.ClientSession() as http:
+        for name in (unique_repo, f"quay.io/{unique_repo}"):
+            url = f"{env.mirror.url}/v2/{name}/manifests/.INVALID_MANIFEST_NAME"
+            async with http.get(url) as resp:
+                assert resp.status == 404
+                err = (await resp.json())["errors"][0]
+                assert err["code"] == "MANIFEST_UNKNOWN"
+                assert "'.INVALID_MANIFEST_NAME'" in err["message"]
+                assert "neither a valid tag nor a digest" in err["message"]
+            async with http.head(url) as resp:
+                assert resp.status == 404
+                assert await resp.read() == b""
+        bad_digest = f"{env.mirror.url}/v2/{unique_repo}/manifests/sha256:totallywrong"
+        for method in ("GET", "PUT"):
+            async with http.request(method, bad_digest, data=b"blablabla") as resp:
+                assert resp.status == 400
+                assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+        async with http.head(bad_digest) as resp:
+            assert resp.status == 400
+    assert env.hub.requests == [] and env.quay.requests == []
+
+
+async def test_request_log_names_route_query_and_relay(env: Env, unique_repo: str) -> None:
+    """``request.finished`` says how the client addressed the mirror (route form and query)
+    and tells an upstream-answered request (``relay``) from a storage failure (``bypass``)."""
+    img = make_image([5000], media="oci")
+    await push_image(env.registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    base = env.mirror.url
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+            for url, params in [
+                (f"{base}/v2/{unique_repo}/manifests/v1", {"ns": "docker.io"}),
+                (f"{base}/v2/docker.io/{unique_repo}/manifests/v1", {}),
+                (f"{base}/v2/{unique_repo}/manifests/v1", {}),
+                (f"{base}/v2/{unique_repo}/tags/list", {"n": "5"}),
+            ]:
+                async with http.get(url, params=params) as resp:
+                    assert resp.status == 200
+            async with http.head(f"{base}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
+                assert resp.status == 200
+    done = [e for e in logs if e["event"] == "request.finished"]
+    assert [(e["method"], e["route"], e["query"], e["cache"]) for e in done] == [
+        ("GET", "ns", "ns=docker.io", "miss"),
+        ("GET", "prefix", "", "hit"),
+        ("GET", "default", "", "hit"),
+        ("GET", "default", "n=5", "relay"),
+        ("HEAD", "default", "", "relay"),
+    ]
+    assert all(e["upstream"] == "docker.io" and e["repository"] == unique_repo for e in done)
+    assert env.hub.count("HEAD", "blob") == 1 and env.hub.count("GET", "blob") == 0

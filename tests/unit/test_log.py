@@ -104,3 +104,11 @@ def test_protocol_errors_become_one_line_events() -> None:
     assert event["error_type"] == "ValueError"
     assert "Invalid header token" in event["error"] and "\n" not in event["error"]
     assert "exc_info" not in event and "exception" not in event
+
+
+def test_query_strings_lose_secret_values_only() -> None:
+    from mirrorcache.log import redact_query
+
+    assert redact_query("ns=docker.io&n=10") == "ns=docker.io&n=10"
+    assert redact_query("ns=quay.io&access_token=abc&password=x") == (
+        f"ns=quay.io&access_token={REDACTED}&password={REDACTED}")

@@ -138,3 +138,12 @@ def test_no_default_and_bare_name_is_name_unknown() -> None:
 def test_non_docker_default_upstream_adds_no_library() -> None:
     router = Router(UPSTREAMS, "quay.io")
     assert router.resolve("alpine") == Target("quay.io", "alpine")
+
+
+def test_target_records_the_route_form_but_not_in_its_identity() -> None:
+    router = Router({"docker.io": object(), "quay.io": object()}, "docker.io")
+    forms = [router.resolve("a/b").form, router.resolve("a/b", ns="docker.io").form,
+             router.resolve("docker.io/a/b").form]
+    assert forms == ["default", "ns", "prefix"]
+    assert len({router.resolve("a/b"), router.resolve("a/b", ns="docker.io"),
+                router.resolve("docker.io/a/b")}) == 1
