@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import structlog
@@ -55,10 +56,12 @@ async def _janitor(store: BlobStore) -> None:
 
 
 def create_app(config: Config, *, clean_temp: bool = True,
-               store: BlobStore | None = None) -> web.Application:
+               store: BlobStore | None = None,
+               clock: Callable[[], float] = time.monotonic) -> web.Application:
     """Build the application for ``config``; resources open and close with the app.
 
-    ``store`` replaces the configured blob store (tests inject failing stores here).
+    ``store`` replaces the configured blob store (tests inject failing stores here);
+    ``clock`` times the storage-bypass window (tests inject a controllable one).
     """
     app = web.Application(
         middlewares=[access_log_middleware, error_middleware, request_guard_middleware,
@@ -99,7 +102,7 @@ def create_app(config: Config, *, clean_temp: bool = True,
         configs = dict(config.upstreams)
         coalescer = Coalescer()
         manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics)
-        blobs = BlobService(upstreams, configs, blob_store, meta, metrics)
+        blobs = BlobService(upstreams, configs, blob_store, meta, metrics, clock=clock)
 
         async def ready() -> bool:
             try:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -157,8 +157,10 @@ class BlobService:
     """Answers blob requests from the cache, fetching each missing digest once."""
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
-                 store: BlobStore, meta: Metadata, metrics: Metrics) -> None:
+                 store: BlobStore, meta: Metadata, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._upstreams = upstreams
+        self._clock = clock  # for the storage-bypass window
         self._configs = configs
         self._store = store
         self._meta = meta
@@ -218,7 +220,7 @@ class BlobService:
         if self._configs[target.upstream].offline:
             raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
-        if time.monotonic() < self._bypass_until:
+        if self._clock() < self._bypass_until:
             return await self._passthrough(target, digest, range_header)
         dl = self._downloads.get(digest)
         joined = dl is not None
@@ -403,7 +405,7 @@ class BlobService:
             claim.release(done=dl.done)
 
     def _storage_failed(self, exc: Exception) -> None:
-        self._bypass_until = time.monotonic() + BYPASS_SECONDS
+        self._bypass_until = self._clock() + BYPASS_SECONDS
         log.error("storage.write_failed", error=str(exc), bypass_seconds=BYPASS_SECONDS)
 
     async def _passthrough(self, target: Target, digest: Digest,

@@ -17,6 +17,7 @@ from tests.support.images import make_image, push_image
 from tests.support.mirror import mirror_config
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +55,9 @@ async def test_kill9_mid_pull_then_restart(tmp_path: Path, registry: RegistryPro
             async with aiohttp.ClientSession() as http:
                 urls = [f"{m.url}/v2/{unique_repo}/blobs/{d}" for d in layers] * 3
                 pulls = [asyncio.ensure_future(fetch(http, u)) for u in urls[:20]]
-                while not list((cache / "tmp").glob("*.part")) or not blob_files(cache):
-                    await asyncio.sleep(0.02)
+                await wait_until(lambda: list((cache / "tmp").glob("*.part"))
+                                 and blob_files(cache), timeout=30,
+                                 what="a partial and a committed blob on disk")
                 m.kill_all()
                 results = await asyncio.gather(*pulls)
         finally:
@@ -115,8 +117,8 @@ async def test_sigterm_lets_inflight_pull_finish(tmp_path: Path, registry: Regis
         async with MirrorProcess(raw, tmp_path / "proc") as m, aiohttp.ClientSession() as http:
             pull = asyncio.ensure_future(fetch(http, f"{m.url}/v2/{unique_repo}/blobs/"
                                                      f"{layer.digest}"))
-            while not m.events("blob.fetch_started"):
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: m.events("blob.fetch_started"), timeout=30,
+                             what="blob.fetch_started")
             m.signal(signal.SIGTERM)
             body = await pull
             assert body == layer.data
@@ -143,8 +145,8 @@ async def test_supervisor_restarts_a_dead_worker_and_survives_sighup(
         workers = [e["pid"] for e in m.events("server.worker_started")]
         assert len(workers) == 2 and all(p in _children(m.proc.pid) for p in workers)
         os.kill(workers[0], signal.SIGKILL)
-        while len(m.events("app.started")) < 3:  # the replacement is up
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: len(m.events("app.started")) >= 3, timeout=30,
+                         what="the replacement worker's app.started")
         assert m.events("server.worker_died")
         m.signal(signal.SIGHUP)  # reload request: forwarded, nobody dies
         async with aiohttp.ClientSession(

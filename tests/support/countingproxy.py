@@ -10,6 +10,7 @@ that uploads and redirects keep flowing through it.
 Fault injection: append :class:`Fault` objects to ``p.faults``. Faults are checked in order,
 the first matching one with uses left is applied (and used up), and the request is still
 recorded. Actions: ``Fault.status`` (answer directly), ``Fault.hang`` (sleep, then forward),
+``Fault.hold`` (wait for a test's event, then forward),
 ``Fault.drop_after`` (forward but cut the connection after n body bytes), ``Fault.corrupt``
 (forward with a byte flipped, same length).
 """
@@ -29,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 Kind = Literal["base", "catalog", "blob", "upload", "manifest", "tags", "referrers", "other"]
-Action = Literal["status", "hang", "drop_after", "corrupt", "slow"]
+Action = Literal["status", "hang", "drop_after", "corrupt", "slow", "hold"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -113,6 +114,7 @@ class Fault:
     seconds: float = 0.0
     nbytes: int = 0
     offset: int = 0
+    gate: asyncio.Event | None = None
     hits: int = 0
 
     @classmethod
@@ -144,6 +146,19 @@ class Fault:
     ) -> Fault:
         """Sleep ``seconds`` before forwarding."""
         return cls("hang", method, kind, path, times, seconds=seconds)
+
+    @classmethod
+    def hold(
+        cls,
+        gate: asyncio.Event,
+        *,
+        method: str | None = None,
+        kind: Kind | None = None,
+        path: str | None = None,
+        times: int | None = 1,
+    ) -> Fault:
+        """Hold the request until the test sets ``gate``, then forward it (no timing)."""
+        return cls("hold", method, kind, path, times, gate=gate)
 
     @classmethod
     def drop_after(
@@ -309,6 +324,8 @@ class CountingProxy:
         )
         if fault is not None and fault.action == "status":
             return web.Response(status=fault.code, headers=fault.headers, body=fault.body)
+        if fault is not None and fault.action == "hold" and fault.gate is not None:
+            await fault.gate.wait()
         if fault is not None and fault.action == "hang":
             if not await _sleep_while_connected(request, fault.seconds):
                 return web.Response(status=499)  # client gave up; nothing is sent

@@ -33,9 +33,9 @@ class Mirror:
     """``async with Mirror(raw_config) as m:`` -> a serving mirror at ``m.url`` / ``m.host``."""
 
     def __init__(self, raw: dict[str, Any], environ: dict[str, str] | None = None,
-                 store: BlobStore | None = None) -> None:
+                 store: BlobStore | None = None, **app_kw: Any) -> None:
         self.config: Config = parse_config(raw, environ or {})
-        self.app: web.Application = create_app(self.config, store=store)
+        self.app: web.Application = create_app(self.config, store=store, **app_kw)
         self._server = TestServer(self.app, host="127.0.0.1")
 
     @property
