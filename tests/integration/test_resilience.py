@@ -71,12 +71,21 @@ async def test_upstream_killed_after_warmup_serves_cache(tmp_path: Path) -> None
             assert status == 503 and b"UNAVAILABLE" in body
 
             await reg.arestart()
-            await asyncio.sleep(0.3)  # the breaker's cooldown (200ms) must run out first
             img2 = make_image([1000], media="oci")
             await push_image(reg.url, "team/app", img2, "v1")
             proxy.reset()
-            status, _, body = await get(f"{mirror.url}/v2/team/app/manifests/v1")
-            assert status == 200 and sha(body) == img2.digest
+            # Until the breaker's cooldown (200ms) runs out the cached tag is served stale;
+            # then its probe finds the new content. Polled with a deadline, no fixed sleep.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                status, headers, body = await get(f"{mirror.url}/v2/team/app/manifests/v1")
+                assert status == 200
+                if sha(body) == img2.digest:
+                    break
+                assert sha(body) == img.digest and "stale" in headers["Warning"]
+                assert loop.time() < deadline, "the breaker never let a probe through"
+                await asyncio.sleep(0.05)
 
 
 async def test_429_storm_served_from_cache_breaker_bounds_calls(
@@ -263,12 +272,13 @@ async def test_stale_while_revalidate_answers_at_once(tmp_path: Path,
         assert sha(body) == old.digest
         await push_image(registry.url, unique_repo, new, "v1")
         proxy.reset()
-        proxy.add_fault(Fault.hang(2.0, kind="manifest"))  # a slow upstream
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        gate = asyncio.Event()
+        proxy.add_fault(Fault.hold(gate, kind="manifest"))  # upstream answers when we say
         status, _, body = await get(url)
-        assert status == 200 and sha(body) == old.digest  # answered from cache at once
-        assert loop.time() - start < 1.5
+        # Answered from cache while the upstream still holds the revalidation: at once.
+        assert status == 200 and sha(body) == old.digest
+        assert not gate.is_set()
+        gate.set()
         await mirror.app[SERVICES].manifests.wait_background()
         assert proxy.count("HEAD", "manifest") == 1
         status, _, body = await get(url)
