@@ -90,10 +90,14 @@ def create_app(config: Config, *, clean_temp: bool = True,
             await blob_store.cleanup_temp()
         meta = Metadata(config.storage.metadata_path)
         metrics = Metrics()
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
+        # No pool limit here: each UpstreamClient bounds its own requests in flight
+        # (max_connections, waited for at most pool_timeout), so a wait for a connection is
+        # never mistaken for an upstream failure. Bodies are asked for and read as identity.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
         session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": USER_AGENT},
-            read_bufsize=1 << 20, trust_env=False,
+            connector=connector,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            read_bufsize=1 << 20, trust_env=False, auto_decompress=False,
         )
         upstreams = Upstreams({
             name: UpstreamClient(cfg, session, metrics)

@@ -171,6 +171,15 @@ class UpstreamConfig:
     retry_max_wait: float = 30.0
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    #: Overall deadline of one exchange (token, manifest, tags, referrers, error body; for
+    #: blobs: until the response headers, the body then only has ``read_timeout`` per read).
+    request_timeout: float = 60.0
+    #: Requests in flight to this upstream at once (each holds one connection).
+    max_connections: int = 100
+    #: How long a request waits for one of those slots; not an upstream failure.
+    pool_timeout: float = 30.0
+    #: Token realms besides the upstream's own domain that may receive its credentials.
+    token_realms: tuple[str, ...] = ()
 
     @property
     def is_docker_hub(self) -> bool:
@@ -286,6 +295,20 @@ def _read_secret(sec: _Section, environ: Mapping[str, str]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _token_realms(sec: _Section) -> tuple[str, ...]:
+    """``token_realms``: hosts (``auth.example.com``) or URL prefixes
+    (``https://auth.example.com/token``) trusted with this upstream's credentials."""
+    realms = sec.str_list("token_realms")
+    for entry in realms:
+        if "://" in entry:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                sec.problem("token_realms", f"expected a host or an http(s) URL, got {entry!r}")
+        elif not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", entry):
+            sec.problem("token_realms", f"expected a host or an http(s) URL, got {entry!r}")
+    return realms
+
+
 def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     url = sec.text("url")
     if isinstance(url, str):
@@ -320,7 +343,13 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
         retry_max_wait=sec.duration("retry_max_wait", 30.0),
         breaker_failures=sec.integer("breaker_failures", 5, 1, 1000),
         breaker_cooldown=sec.duration("breaker_cooldown", 30.0),
+        request_timeout=sec.duration("request_timeout", 60.0),
+        max_connections=sec.integer("max_connections", 100, 1, 10000),
+        pool_timeout=sec.duration("pool_timeout", 30.0),
+        token_realms=_token_realms(sec),
     )
+    if up.request_timeout <= 0:
+        sec.problem("request_timeout", "must be more than 0")
     sec.finish()
     return up
 

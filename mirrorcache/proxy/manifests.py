@@ -21,6 +21,7 @@ from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
 from mirrorcache.storage.base import BlobStore, StorageError
 from mirrorcache.storage.metadata import Metadata, TagRecord
+from mirrorcache.upstream.body import BodyRefused, read_capped
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
@@ -234,19 +235,12 @@ class ManifestService:
         async with client.open("GET", path, target.repository, {"Accept": accept}) as resp:
             if resp.status != 200:
                 raise await relay_error(resp, "MANIFEST_UNKNOWN")
-            if (resp.content_length or 0) > media.MAX_MANIFEST_BYTES:
-                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
             try:
-                body = await resp.content.read(media.MAX_MANIFEST_BYTES + 1)
-                while len(body) <= media.MAX_MANIFEST_BYTES and not resp.content.at_eof():
-                    more = await resp.content.read(media.MAX_MANIFEST_BYTES + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
+                body = await read_capped(resp, media.MAX_MANIFEST_BYTES, "manifest")
+            except BodyRefused as exc:
+                raise OCIError("MANIFEST_INVALID", f"upstream {exc}", status=502) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
-            if len(body) > media.MAX_MANIFEST_BYTES:
-                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
             header = resp.headers.get("Docker-Content-Digest")
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         want = expect or (Digest.parse(header) if header else None)

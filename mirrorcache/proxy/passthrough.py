@@ -12,9 +12,8 @@ from mirrorcache.config import UpstreamConfig
 from mirrorcache.errors import OCIError
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.upstream.body import MAX_LISTING_BYTES, BodyRefused, read_capped
 from mirrorcache.upstream.client import UpstreamUnavailable
-
-MAX_LISTING_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +44,11 @@ class PassthroughService:
             if resp.status != 200:
                 raise await relay_error(resp, default_code)
             try:
-                body = await resp.content.read(MAX_LISTING_BYTES + 1)
-                while not resp.content.at_eof() and len(body) <= MAX_LISTING_BYTES:
-                    more = await resp.content.read(MAX_LISTING_BYTES + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
+                body = await read_capped(resp, MAX_LISTING_BYTES, "upstream listing")
+            except BodyRefused as exc:
+                raise OCIError("UNKNOWN", f"upstream {exc}", status=502) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
-            if len(body) > MAX_LISTING_BYTES:
-                raise OCIError("UNKNOWN", "upstream listing too large", status=502)
             return Relayed(
                 status=200,
                 body=body,

@@ -37,6 +37,7 @@ from mirrorcache.upstream.auth import (
     pull_scope,
 )
 from mirrorcache.upstream.breaker import CircuitBreaker, Rejection
+from mirrorcache.upstream.realm import RealmPolicy
 
 log = structlog.get_logger("mirrorcache.upstream")
 
@@ -70,8 +71,44 @@ class UpstreamRejected(OCIError):
                              f"mirror; retry in {wait}s", status=429,
                              headers={"Retry-After": str(wait)})
         else:
-            super().__init__("UNAVAILABLE", f"upstream {upstream} is failing; not calling it for "
-                             f"{wait}s", status=503, headers={"Retry-After": str(wait)})
+            why = f" ({rejection.reason})" if rejection.reason else ""
+            super().__init__("UNAVAILABLE", f"upstream {upstream} is failing{why}; not calling "
+                             f"it for {wait}s", status=503, headers={"Retry-After": str(wait)})
+
+
+class UpstreamBusy(OCIError):
+    """Every connection slot to the upstream stayed in use for ``pool_timeout``: the mirror is
+    busy, the upstream is not at fault (the breaker is not told)."""
+
+    def __init__(self, upstream: str, slots: int, waited: float) -> None:
+        super().__init__("UNAVAILABLE", f"mirror busy: all {slots} connections to upstream "
+                         f"{upstream} stayed in use for {waited:g}s", status=503,
+                         headers={"Retry-After": "1"})
+
+
+def describe_failure(exc: BaseException, host: str) -> tuple[str, bool]:
+    """In words, what went wrong talking to ``host``; and whether no request content could
+    have caused it (DNS, refused connection, TLS, connect timeout), so that every occurrence
+    counts toward the breaker."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"DNS lookup of {host} failed", True
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate of {host} not trusted ({exc.certificate_error})", True
+    if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
+        return f"TLS handshake with {host} failed", True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return f"connection to {host} refused", True
+        return f"cannot connect to {host} ({exc.strerror or type(exc.os_error).__name__})", True
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"timed out connecting to {host}", True
+    if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
+        return f"{host} sent nothing within the read timeout", False
+    if isinstance(exc, TimeoutError):
+        return f"{host} did not answer within the request timeout", False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{host} closed the connection", False
+    return f"{type(exc).__name__} talking to {host}", False
 
 
 class _Retryable(Exception):
@@ -105,10 +142,11 @@ class UpstreamClient:
         self._session = session
         self._metrics = metrics
         self._ssl = ssl_context_for(cfg)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
-            sock_read=cfg.read_timeout,
-        )
+        # At most max_connections requests in flight; a wait for a slot is bounded by
+        # pool_timeout and is the mirror's business, never an upstream failure.
+        self._slots = asyncio.Semaphore(cfg.max_connections)
+        self._realms = RealmPolicy(cfg.url, cfg.token_realms)
+        self._refused_realms: set[str] = set()
         self._basic = basic_auth_header(cfg.username, cfg.password) if cfg.username else None
         self._tokens = TokenCache()
         self._bearer: Challenge | None = None  # last bearer challenge, for proactive tokens
@@ -120,45 +158,67 @@ class UpstreamClient:
     def url(self, path: str) -> str:
         return self.cfg.url + path
 
-    async def _token_for(self, challenge: Challenge, scope: str, *, fresh: bool) -> str:
+    def _timeout(self, deadline: float, *, stream: bool = False) -> aiohttp.ClientTimeout:
+        """aiohttp timeouts for one request: the overall deadline as ``total`` (it covers the
+        body too) except for a streamed body, which only has ``read_timeout`` per read. The
+        connection itself is bounded by ``connect_timeout`` (the pool wait is ours)."""
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        return aiohttp.ClientTimeout(
+            total=None if stream else remaining, connect=None,
+            sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout,
+        )
+
+    async def _token_for(self, challenge: Challenge, scope: str, *, fresh: bool,
+                         deadline: float) -> str:
         realm, service = challenge.realm or "", challenge.params.get("service", "")
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
-            if not fresh:
-                cached = self._tokens.get(realm, service, scope)
-                if cached:
-                    return cached
-            try:
-                token, lifetime = await fetch_token(self._session, challenge, scope, self._basic,
-                                                    self._ssl, self._timeout)
-            except TokenError as exc:
-                if exc.status in (401, 403):
-                    raise OCIError("UNAUTHORIZED" if exc.status == 401 else "DENIED",
-                                   f"upstream {self.name} refused credentials for {scope}",
-                                   status=exc.status) from None
-                raise UpstreamUnavailable(self.name, str(exc)) from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamUnavailable(self.name, f"token endpoint: {type(exc).__name__}"
-                                          ) from None
-            self._tokens.put(realm, service, scope, token, lifetime)
-            return token
+        try:
+            async with asyncio.timeout_at(deadline), lock:
+                if not fresh:
+                    cached = self._tokens.get(realm, service, scope)
+                    if cached:
+                        return cached
+                token, lifetime = await fetch_token(self._session, challenge, scope,
+                                                    self._basic, self._ssl,
+                                                    self._timeout(deadline), self._realms)
+        except TokenError as exc:
+            if exc.status in (401, 403):
+                raise OCIError("UNAUTHORIZED" if exc.status == 401 else "DENIED",
+                               f"upstream {self.name} refused credentials for {scope}",
+                               status=exc.status) from None
+            if exc.refused_realm and str(exc) not in self._refused_realms:
+                self._refused_realms.add(str(exc))  # logged once, not per request
+                log.error("upstream.token_realm_refused", upstream=self.name, reason=str(exc))
+            raise OCIError("UNKNOWN", f"upstream {self.name}: {exc}", status=502) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason, _ = describe_failure(exc, urlsplit(realm).netloc or "token endpoint")
+            log.warning("upstream.token_failed", upstream=self.name, reason=reason)
+            raise UpstreamUnavailable(self.name, f"token endpoint: {reason}") from None
+        self._tokens.put(realm, service, scope, token, lifetime)
+        return token
 
-    async def _auth_header(self, scope: str) -> str | None:
+    async def _auth_header(self, scope: str, deadline: float) -> str | None:
         if self._bearer is not None:
             realm, service = self._bearer.realm or "", self._bearer.params.get("service", "")
             cached = self._tokens.get(realm, service, scope)
             if cached:
                 return f"Bearer {cached}"
-            return f"Bearer {await self._token_for(self._bearer, scope, fresh=False)}"
+            token = await self._token_for(self._bearer, scope, fresh=False, deadline=deadline)
+            return f"Bearer {token}"
         if self._use_basic and self._basic is not None:
             return self._basic
         return None
 
-    async def _send(self, method: str, url: str, headers: CIMultiDict[str]
+    async def _send(self, method: str, url: str, headers: CIMultiDict[str],
+                    deadline: float | None = None, *, stream: bool = False
                     ) -> aiohttp.ClientResponse:
         """One logical request: retried with backoff on connection errors and 502/503/504,
-        never on 429 (that opens the breaker for Retry-After instead)."""
+        never on 429 (that opens the breaker for Retry-After instead). If the breaker opens
+        during this request's own retries, the caller hears what failed, not only that the
+        circuit is now open."""
         cfg = self.cfg
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + cfg.request_timeout
         retrying = AsyncRetrying(
             stop=stop_after_attempt(cfg.max_retries + 1) | stop_after_delay(cfg.retry_max_wait),
             wait=wait_exponential_jitter(multiplier=0.1, max=max(cfg.retry_max_wait / 4, 0.1)),
@@ -166,55 +226,79 @@ class UpstreamClient:
             reraise=True,
         )
         last: aiohttp.ClientResponse | None = None
+        failed: OCIError | None = None
         try:
             async for attempt in retrying:
                 with attempt:
                     if last is not None:
                         last.release()
                         last = None
-                    last = await self._send_once(method, url, headers)
+                    try:
+                        last = await self._send_once(method, url, headers, deadline,
+                                                     stream=stream)
+                    except _Retryable as exc:
+                        if isinstance(exc.__cause__, OCIError):
+                            failed = exc.__cause__
+                        raise
                     if last.status in RETRY_STATUSES:
                         raise _Retryable()
-        except _Retryable as exc:
+        except UpstreamRejected:
+            if failed is not None:
+                raise failed from None
+            raise
+        except _Retryable:
             if last is None:  # the last attempt could not connect
-                cause = exc.__cause__
-                raise (cause if isinstance(cause, OCIError)
-                       else UpstreamUnavailable(self.name, "retries exhausted")) from None
+                raise (failed or UpstreamUnavailable(self.name, "retries exhausted")) from None
             # attempts used up: hand the last 5xx to the caller to relay
         assert last is not None
         return last
 
-    async def _send_once(self, method: str, url: str, headers: CIMultiDict[str]
-                         ) -> aiohttp.ClientResponse:
+    async def _send_once(self, method: str, url: str, headers: CIMultiDict[str],
+                         deadline: float, *, stream: bool = False) -> aiohttp.ClientResponse:
+        loop = asyncio.get_running_loop()
+        parts = urlsplit(url)
+        path, host = parts.path, parts.netloc
+        if loop.time() >= deadline:
+            raise UpstreamUnavailable(self.name, f"no answer within {self.cfg.request_timeout:g}s"
+                                      " (request_timeout)")
         rejection = self.breaker.before_call()
         if rejection is not None:
             raise UpstreamRejected(self.name, rejection)
         start = time.monotonic()
-        path = urlsplit(url).path
         try:
-            resp = await self._session.request(
-                method, url, headers=headers, allow_redirects=False, ssl=self._ssl,
-                timeout=self._timeout, auto_decompress=False,
-            )
+            # The deadline bounds the wait for the response headers in every case; without
+            # ``stream`` aiohttp's ``total`` also bounds reading the body later.
+            async with asyncio.timeout_at(deadline):
+                resp = await self._session.request(
+                    method, url, headers=headers, allow_redirects=False, ssl=self._ssl,
+                    timeout=self._timeout(deadline, stream=stream), auto_decompress=False,
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self.breaker.failure()
+            reason, unkeyed = describe_failure(exc, host)
+            self.breaker.failure(key=None if unkeyed else f"{method} {path}", reason=reason)
             self._metrics.upstream_requests.labels(self.name, method, "error").inc()
             self._metrics.breaker_open.labels(self.name).set(int(self.breaker.is_open))
             log.warning("upstream.request_failed", upstream=self.name, method=method,
-                        path=path, error=type(exc).__name__)
-            raise _Retryable() from UpstreamUnavailable(self.name, type(exc).__name__)
+                        path=path, error=type(exc).__name__, reason=reason)
+            raise _Retryable() from UpstreamUnavailable(self.name, reason)
+        except BaseException:
+            self.breaker.abandon()  # cancelled: no verdict on the upstream
+            raise
         if resp.status == 429:
             self.breaker.failure(retry_after=retry_after_seconds(resp.headers.get("Retry-After"),
-                                                                 self.cfg.breaker_cooldown))
-        elif resp.status >= 500:
-            self.breaker.failure()
+                                                                 self.cfg.breaker_cooldown),
+                                 key=f"{method} {path}", reason=f"{host} answered 429")
+        elif resp.status in RETRY_STATUSES:
+            self.breaker.failure(key=f"{method} {path}", reason=f"{host} answered {resp.status}")
         else:
+            # Any other answer, a 500 or a 404 included, shows the upstream is up: what is
+            # wrong is this request's content, not the upstream's health.
             self.breaker.success()
         self._metrics.breaker_open.labels(self.name).set(int(self.breaker.is_open))
         self._metrics.upstream_requests.labels(self.name, method, str(resp.status)).inc()
         self._note_ratelimit(resp)
         log.info("upstream.request", upstream=self.name, method=method,
-                 host=urlsplit(url).netloc, path=path, status=resp.status,
+                 host=host, path=path, status=resp.status,
                  duration_ms=round((time.monotonic() - start) * 1000, 1),
                  ratelimit_remaining=self.ratelimit.get("remaining"))
         return resp
@@ -233,6 +317,23 @@ class UpstreamClient:
                 pass
 
     @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of ``max_connections`` slots, waited for at most ``pool_timeout``."""
+        try:
+            async with asyncio.timeout(self.cfg.pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            log.warning("upstream.pool_exhausted", upstream=self.name,
+                        max_connections=self.cfg.max_connections,
+                        waited_s=self.cfg.pool_timeout)
+            raise UpstreamBusy(self.name, self.cfg.max_connections,
+                               self.cfg.pool_timeout) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    @asynccontextmanager
     async def open(
         self,
         method: str,
@@ -242,27 +343,39 @@ class UpstreamClient:
         params: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request for ``repository`` and yield the final response (after auth and
-        redirects). The body is the caller's to read; it is released on exit."""
+        redirects). The body is the caller's to read (with ``read_capped`` unless it is a blob
+        streamed to disk); it is released on exit.
+
+        The whole exchange (token, retries, redirects, and reading the body) must end within
+        ``request_timeout``, except the body of a blob GET, which may take as long as it
+        needs while each read completes within ``read_timeout``. Bodies are asked for and
+        read as ``identity``: what is hashed is what upstream sent.
+        """
         scope = pull_scope(repository)
         url = self.url(path)
         if params:
             url = str(URL(url).with_query(dict(params)))
+        stream = method == "GET" and "/blobs/" in path
         hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
-        auth = await self._auth_header(scope)
-        if auth:
-            hdrs["Authorization"] = auth
-        resp = await self._send(method, url, hdrs)
-        try:
-            if resp.status == 401:
-                resp = await self._retry_authenticated(method, url, hdrs, scope, resp)
-            resp = await self._follow_redirects(method, url, hdrs, resp)
-            yield resp
-        finally:
-            resp.release()
+        hdrs.setdefault("Accept-Encoding", "identity")
+        async with self._slot():
+            deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
+            auth = await self._auth_header(scope, deadline)
+            if auth:
+                hdrs["Authorization"] = auth
+            resp = await self._send(method, url, hdrs, deadline, stream=stream)
+            try:
+                if resp.status == 401:
+                    resp = await self._retry_authenticated(method, url, hdrs, scope, resp,
+                                                           deadline, stream)
+                resp = await self._follow_redirects(method, url, hdrs, resp, deadline, stream)
+                yield resp
+            finally:
+                resp.release()
 
     async def _retry_authenticated(self, method: str, url: str, hdrs: CIMultiDict[str],
-                                   scope: str, resp: aiohttp.ClientResponse
-                                   ) -> aiohttp.ClientResponse:
+                                   scope: str, resp: aiohttp.ClientResponse, deadline: float,
+                                   stream: bool) -> aiohttp.ClientResponse:
         challenges = parse_challenges(", ".join(resp.headers.getall("WWW-Authenticate", [])))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
@@ -271,7 +384,7 @@ class UpstreamClient:
             self._bearer = bearer
             # The challenge may ask for a wider scope than ours (e.g. catalog); use it.
             want = bearer.params.get("scope", scope)
-            token = await self._token_for(bearer, want, fresh=had_token)
+            token = await self._token_for(bearer, want, fresh=had_token, deadline=deadline)
             hdrs["Authorization"] = f"Bearer {token}"
         elif basic is not None and self._basic is not None and not self._use_basic:
             self._use_basic = True
@@ -279,10 +392,11 @@ class UpstreamClient:
         else:
             return resp
         resp.release()
-        return await self._send(method, url, hdrs)
+        return await self._send(method, url, hdrs, deadline, stream=stream)
 
     async def _follow_redirects(self, method: str, url: str, hdrs: CIMultiDict[str],
-                                resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+                                resp: aiohttp.ClientResponse, deadline: float | None = None,
+                                stream: bool = False) -> aiohttp.ClientResponse:
         hops = 0
         origin = _origin(url)
         while resp.status in _REDIRECTS and "Location" in resp.headers and method in ("GET",
@@ -298,7 +412,7 @@ class UpstreamClient:
                 # Another origin (object storage, or a downgrade to http) gets no credentials.
                 hdrs = CIMultiDict((k, v) for k, v in hdrs.items() if k.lower() != "authorization")
                 origin = _origin(url)
-            resp = await self._send(method, url, hdrs)
+            resp = await self._send(method, url, hdrs, deadline, stream=stream)
         return resp
 
 

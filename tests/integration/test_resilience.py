@@ -140,8 +140,8 @@ async def test_breaker_opens_and_fails_fast(tmp_path: Path, registry: RegistryPr
     async with mirror_via_proxy(tmp_path, registry.url, max_retries=0, breaker_failures=3,
                                 breaker_cooldown="1h") as (mirror, proxy):
         proxy.add_fault(Fault.status(503, times=None))
-        for _ in range(3):
-            status, _, body = await get(f"{mirror.url}/v2/{unique_repo}/manifests/v1")
+        for i in range(3):  # three different paths: repeats of one path count once
+            status, _, body = await get(f"{mirror.url}/v2/{unique_repo}/manifests/v{i}")
             assert status == 503
         assert len(proxy.requests) == 3
         for _ in range(10):

@@ -447,7 +447,8 @@ async def test_scheme_downgrade_redirect_drops_authorization(
     client = UpstreamClient(cfg, session, Metrics())
     sent: list[tuple[str, str | None]] = []
 
-    async def fake_send(method: str, url: str, headers: CIMultiDict[str]) -> Any:
+    async def fake_send(method: str, url: str, headers: CIMultiDict[str], *_: Any,
+                        **__: Any) -> Any:
         sent.append((url, headers.get("Authorization")))
         return SimpleNamespace(status=200, headers=CIMultiDict(), release=lambda: None)
 

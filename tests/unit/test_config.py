@@ -330,3 +330,27 @@ def test_bare_ipv6_listen_without_port_is_refused() -> None:
 def test_nan_duration_is_refused() -> None:
     with pytest.raises(ValueError):
         parse_duration(float("nan"))
+
+
+def test_upstream_deadline_pool_and_realm_keys() -> None:
+    base = {"storage": {"filesystem": {"path": "/tmp/x"}}}
+    cfg = parse_config({**base, "upstreams": {"quay.io": {
+        "url": "https://quay.io", "request_timeout": "90s", "max_connections": 8,
+        "pool_timeout": "5s", "token_realms": ["auth.corp.example", "https://sso.example/t"],
+    }}}, {})
+    quay = cfg.upstreams["quay.io"]
+    assert (quay.request_timeout, quay.max_connections, quay.pool_timeout) == (90.0, 8, 5.0)
+    assert quay.token_realms == ("auth.corp.example", "https://sso.example/t")
+    hub = parse_config({**base, "upstreams": {"docker.io": {
+        "url": "https://registry-1.docker.io"}}}, {}).upstreams["docker.io"]
+    assert (hub.request_timeout, hub.max_connections, hub.pool_timeout) == (60.0, 100, 30.0)
+    assert hub.token_realms == ()
+    problems = _problems({**base, "upstreams": {"quay.io": {
+        "url": "https://quay.io", "request_timeout": 0, "max_connections": 0,
+        "token_realms": ["ftp://x", "not a host"]}}})
+    assert problems == [
+        "upstreams.quay.io.max_connections: must be between 1 and 10000",
+        "upstreams.quay.io.token_realms: expected a host or an http(s) URL, got 'ftp://x'",
+        "upstreams.quay.io.token_realms: expected a host or an http(s) URL, got 'not a host'",
+        "upstreams.quay.io.request_timeout: must be more than 0",
+    ]
