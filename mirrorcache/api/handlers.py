@@ -173,9 +173,14 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, target: T
     if rng:
         resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     pos = start
-    # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
-    limit = await dl.available(pos, end) if end > start else end
-    with dl.open_file() as f:
+    try:
+        # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
+        limit = await dl.available(pos, end) if end > start else end
+        f = dl.open_file()
+    except CacheWriteFailed:
+        await resp.prepare(request)
+        return await _finish_uncached(request, resp, target, digest, pos, end)
+    with f:
         await resp.prepare(request)
         try:
             while pos < end:
@@ -184,16 +189,21 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, target: T
                 await _send_file_range(request, resp, f, pos, limit - pos)
                 pos = limit
         except CacheWriteFailed:
-            # Storage failed under the download: finish this response straight from upstream.
-            request[CACHE_KEY] = "bypass"
-            rest = request.app[SERVICES].blobs.remainder(target, digest, pos, end)
-            async with contextlib.aclosing(rest):
-                return await _send_chunks(request, resp, rest)
+            return await _finish_uncached(request, resp, target, digest, pos, end)
         except DownloadFailed as exc:
             _abort(request, exc)
             return resp
     await resp.write_eof()
     return resp
+
+
+async def _finish_uncached(request: web.Request, resp: web.StreamResponse, target: Target,
+                           digest: Digest, pos: int, end: int) -> web.StreamResponse:
+    """Storage failed under the download: send the rest straight from upstream."""
+    request[CACHE_KEY] = "bypass"
+    rest = request.app[SERVICES].blobs.remainder(target, digest, pos, end)
+    async with contextlib.aclosing(rest):
+        return await _send_chunks(request, resp, rest)
 
 
 async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,

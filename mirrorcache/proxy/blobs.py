@@ -98,6 +98,8 @@ class Download:
                 return open(path, "rb", buffering=0)  # the caller closes it
             except FileNotFoundError:
                 continue
+        if isinstance(self.error, _StorageFailed):
+            raise CacheWriteFailed(self.error.code, self.error.message, status=self.error.status)
         raise DownloadFailed("BLOB_UNKNOWN", "in-flight blob vanished", status=500)
 
     async def available(self, pos: int, stop: int) -> int:

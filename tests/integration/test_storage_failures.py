@@ -145,7 +145,7 @@ async def test_disk_full_mid_stream_finishes_every_client(
         with capture_logs() as logs:
             results = await asyncio.gather(
                 get(url), get(url), get(url, headers={"Range": "bytes=3000000-3000999"}))
-        assert [(s, len(b)) for s, _, b in results] == [
+        assert [(s, len(b) if s < 300 else b) for s, _, b in results] == [
             (200, layer.size), (200, layer.size), (206, 1000)]
         assert results[0][2] == layer.data and results[1][2] == layer.data
         assert results[2][2] == layer.data[3_000_000:3_001_000]
