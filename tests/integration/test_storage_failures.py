@@ -257,8 +257,11 @@ async def test_media_type_of_one_upstream_never_changes_anothers(
         return web.Response(body=img.manifest, headers={
             "Content-Type": DOCKER_MANIFEST, "Docker-Content-Digest": img.digest})
 
+    async def base(request: web.Request) -> web.Response:
+        return web.json_response({})
+
     liar_app = web.Application()
-    liar_app.router.add_get("/v2/", lambda r: web.json_response({}))
+    liar_app.router.add_get("/v2/", base)
     liar_app.router.add_route("*", "/v2/{name:.+}/manifests/{ref}", manifest)
     liar = TestServer(liar_app, host="127.0.0.1")
     await liar.start_server()
