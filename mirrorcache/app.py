@@ -31,7 +31,8 @@ from mirrorcache.proxy.manifests import ManifestService
 from mirrorcache.proxy.passthrough import PassthroughService
 from mirrorcache.proxy.routing import Router
 from mirrorcache.proxy.upstreams import Upstreams
-from mirrorcache.storage.base import BlobStore
+from mirrorcache.proxy.visibility import RepositoryGate
+from mirrorcache.storage.base import BlobStore, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamClient
@@ -43,6 +44,17 @@ USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
 
 
 JANITOR_INTERVAL = 300.0
+#: Bytes the readiness probe writes: an empty file can be created on a full disk.
+PROBE_BYTES = 4096
+
+
+def _probe_storage(tmp: os.PathLike[str]) -> None:
+    fd, name = tempfile.mkstemp(dir=tmp, suffix=".probe")
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 async def _janitor(store: BlobStore) -> None:
@@ -51,7 +63,7 @@ async def _janitor(store: BlobStore) -> None:
         await asyncio.sleep(JANITOR_INTERVAL)
         try:
             await store.cleanup_orphans()
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             log.warning("storage.janitor_failed", error=str(exc))
 
 
@@ -87,7 +99,10 @@ def create_app(config: Config, *, clean_temp: bool = True,
     async def resources(app: web.Application) -> AsyncIterator[None]:
         blob_store: BlobStore = store or FilesystemBlobStore(config.storage.filesystem.path)
         if clean_temp:
-            await blob_store.cleanup_temp()
+            try:
+                await blob_store.cleanup_temp()
+            except StorageError as exc:
+                log.error("storage.cleanup_failed", error=str(exc))
         meta = Metadata(config.storage.metadata_path)
         metrics = Metrics()
         # No pool limit here: each UpstreamClient bounds its own requests in flight
@@ -105,18 +120,18 @@ def create_app(config: Config, *, clean_temp: bool = True,
         })
         configs = dict(config.upstreams)
         coalescer = Coalescer()
-        manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics)
-        blobs = BlobService(upstreams, configs, blob_store, meta, metrics, clock=clock)
+        gate = RepositoryGate(configs, meta)
+        manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics,
+                                    gate)
+        blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock)
 
-        async def ready() -> bool:
+        async def ready() -> str | None:
+            """None when ready, else why the mirror is degraded (it keeps serving)."""
             try:
-                fd, name = tempfile.mkstemp(dir=config.storage.filesystem.path / "tmp",
-                                            suffix=".probe")
-                os.close(fd)
-                os.unlink(name)
-                return True
-            except OSError:
-                return False
+                await asyncio.to_thread(_probe_storage, config.storage.filesystem.path / "tmp")
+            except OSError as exc:
+                return f"storage not writable: {exc.strerror or exc}"
+            return blobs.storage_problem() or meta.problem()
 
         app[SERVICES] = Services(
             router=Router(config.upstreams, config.default_upstream),

@@ -19,7 +19,13 @@ from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import OCIError
 from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
-from mirrorcache.proxy.blobs import CachedBlob, DownloadFailed, InflightBlob, PassthroughBlob
+from mirrorcache.proxy.blobs import (
+    CachedBlob,
+    CacheWriteFailed,
+    DownloadFailed,
+    InflightBlob,
+    PassthroughBlob,
+)
 from mirrorcache.proxy.passthrough import paginate_tags
 from mirrorcache.proxy.routing import Target
 
@@ -147,7 +153,7 @@ async def _blob(request: web.Request, target: Target, digest: Digest) -> web.Str
     if isinstance(source, CachedBlob) and source.path is not None:
         return BlobFileResponse(source.path, chunk_size=1 << 20, headers=_blob_headers(digest))
     if isinstance(source, InflightBlob):
-        return await _stream_inflight(request, source, digest)
+        return await _stream_inflight(request, source, target, digest)
     if isinstance(source, PassthroughBlob):
         return await _stream_passthrough(request, source)
     raise OCIError("UNKNOWN", "blob source not servable", status=500)
@@ -175,8 +181,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def _stream_inflight(request: web.Request, source: InflightBlob, digest: Digest
-                           ) -> web.StreamResponse:
+async def _stream_inflight(request: web.Request, source: InflightBlob, target: Target,
+                           digest: Digest) -> web.StreamResponse:
     """Send a blob that is still arriving: each verified-safe stretch of the spool file goes
     out with ``sendfile`` (zero-copy) as soon as it has landed."""
     dl = source.download
@@ -189,9 +195,14 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, digest: D
     if rng:
         resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     pos = start
-    # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
-    limit = await dl.available(pos, end) if end > start else end
-    with dl.open_file() as f:
+    try:
+        # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
+        limit = await dl.available(pos, end) if end > start else end
+        f = dl.open_file()
+    except CacheWriteFailed:
+        await resp.prepare(request)
+        return await _finish_uncached(request, resp, target, digest, pos, end)
+    with f:
         await resp.prepare(request)
         try:
             while pos < end:
@@ -199,11 +210,22 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, digest: D
                     limit = await dl.available(pos, end)
                 await _send_file_range(request, resp, f, pos, limit - pos)
                 pos = limit
+        except CacheWriteFailed:
+            return await _finish_uncached(request, resp, target, digest, pos, end)
         except DownloadFailed as exc:
             _abort(request, exc)
             return resp
     await resp.write_eof()
     return resp
+
+
+async def _finish_uncached(request: web.Request, resp: web.StreamResponse, target: Target,
+                           digest: Digest, pos: int, end: int) -> web.StreamResponse:
+    """Storage failed under the download: send the rest straight from upstream."""
+    request[CACHE_KEY] = "bypass"
+    rest = request.app[SERVICES].blobs.remainder(target, digest, pos, end)
+    async with contextlib.aclosing(rest):
+        return await _send_chunks(request, resp, rest)
 
 
 async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
@@ -245,7 +267,7 @@ async def _send_chunks(request: web.Request, resp: web.StreamResponse,
     try:
         async for chunk in chunks:
             await resp.write(chunk)
-    except DownloadFailed as exc:
+    except OCIError as exc:  # DownloadFailed, or an upstream refusing the rest of the body
         _abort(request, exc)
         return resp
     await resp.write_eof()
@@ -297,9 +319,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: storage is usable."""
-    ok = await request.app[SERVICES].ready()
-    return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+    """Readiness: storage and metadata are usable. Degraded (503, with the reason) while
+    storage fails (blobs bypass the cache) or a corrupt metadata store is being replaced; the
+    mirror keeps serving meanwhile, and liveness (/healthz) stays up."""
+    reason = await request.app[SERVICES].ready()
+    if reason is None:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "degraded", "reason": reason}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

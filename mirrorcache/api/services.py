@@ -23,7 +23,8 @@ class Services:
     blobs: BlobService
     passthrough: PassthroughService
     metrics: Metrics
-    ready: Callable[[], Awaitable[bool]]
+    #: None when ready, else the reason the mirror is degraded.
+    ready: Callable[[], Awaitable[str | None]]
 
 
 SERVICES = web.AppKey("services", Services)

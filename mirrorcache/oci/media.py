@@ -39,6 +39,19 @@ def sniff_media_type(body: bytes) -> str:
     return OCI_MANIFEST
 
 
+def declared_media_type(body: bytes) -> str | None:
+    """The manifest's own ``mediaType`` field, if it has one (what the bytes say they are)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(doc, dict):
+        mt = doc.get("mediaType")
+        if isinstance(mt, str) and mt:
+            return mt
+    return None
+
+
 def accepts(accept_header: str | None, media_type: str) -> bool:
     """Whether a client's Accept header admits ``media_type`` (no header admits anything)."""
     if not accept_header:

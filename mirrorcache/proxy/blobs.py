@@ -27,6 +27,7 @@ from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import (
     BlobStore,
     BlobWriter,
@@ -52,6 +53,11 @@ PEER_GRACE = 5.0
 
 class DownloadFailed(OCIError):
     """An upstream blob fetch failed after the response to some clients had begun."""
+
+
+class CacheWriteFailed(DownloadFailed):
+    """Storage failed under an in-flight download: its readers continue straight from
+    upstream (:meth:`BlobService.remainder`) instead of being cut."""
 
 
 class Download:
@@ -92,6 +98,8 @@ class Download:
                 return open(path, "rb", buffering=0)  # the caller closes it
             except FileNotFoundError:
                 continue
+        if isinstance(self.error, _StorageFailed):
+            raise CacheWriteFailed(self.error.code, self.error.message, status=self.error.status)
         raise DownloadFailed("BLOB_UNKNOWN", "in-flight blob vanished", status=500)
 
     async def available(self, pos: int, stop: int) -> int:
@@ -99,6 +107,9 @@ class Download:
         Raises DownloadFailed if the download fails first."""
         while True:
             changed = self._changed
+            if isinstance(self.error, _StorageFailed):
+                raise CacheWriteFailed(self.error.code, self.error.message,
+                                       status=self.error.status)
             if self.error is not None:
                 raise DownloadFailed(self.error.code, self.error.message,
                                      status=self.error.status)
@@ -158,6 +169,7 @@ class BlobService:
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, metrics: Metrics,
+                 gate: RepositoryGate | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._upstreams = upstreams
         self._clock = clock  # for the storage-bypass window
@@ -165,9 +177,17 @@ class BlobService:
         self._store = store
         self._meta = meta
         self._metrics = metrics
+        self._gate = gate or RepositoryGate(configs, meta)
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._bypass_until = 0.0
+        self._storage_error: str | None = None
+
+    def storage_problem(self) -> str | None:
+        """Why blobs bypass the cache right now (storage failing), or None."""
+        if self._clock() < self._bypass_until:
+            return f"storage failing, serving uncached: {self._storage_error}"
+        return None
 
     @property
     def inflight(self) -> int:
@@ -180,16 +200,21 @@ class BlobService:
             return None
         if info is None:
             return None
-        cfg = self._configs[target.upstream]
-        if not cfg.offline and not self._meta.is_linked(target.upstream, target.repository,
-                                                        digest):
-            # Stored for another repository: upstream must confirm this one holds it too.
-            remote = await self._head_upstream(target, digest)
-            if remote.size is not None and remote.size != info.size:
-                raise OCIError("BLOB_UNKNOWN", "upstream size differs from cached blob")
-            await self._meta.link(target.upstream, target.repository, digest)
+        dl = self._downloads.get(digest)
+        await self._admit(target, digest, dl.target if dl is not None else None, info.size)
         await self._meta.touch(digest)
         return CachedBlob(digest, info.size, self._store.local_path(digest))
+
+    async def _admit(self, target: Target, digest: Digest, fetching_for: Target | None,
+                     size: int | None = None) -> None:
+        """The one repository rule (see visibility.py), for blobs."""
+
+        async def confirm() -> int | None:
+            return (await self._head_upstream(target, digest)).size
+
+        owner = (fetching_for.upstream, fetching_for.repository) if fetching_for else None
+        await self._gate.admit(target, digest, unknown="BLOB_UNKNOWN", confirm=confirm,
+                               fetching_for=owner, size=size)
 
     async def head(self, target: Target, digest: Digest) -> CachedBlob | RemoteBlobInfo:
         cached = await self._cached(target, digest)
@@ -197,6 +222,7 @@ class BlobService:
             return cached
         dl = self._downloads.get(digest)
         if dl is not None and dl.size is not None:
+            await self._admit(target, digest, dl.target, dl.size)
             return RemoteBlobInfo(digest, dl.size, "miss")
         if self._configs[target.upstream].offline:
             raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
@@ -227,6 +253,8 @@ class BlobService:
         if dl is None:
             dl = self._start(target, digest)
         else:
+            # Joining another request's fetch obeys the same rule as the cache.
+            await self._admit(target, digest, dl.target)
             self._metrics.coalesced.labels("blob").inc()
         await dl.started.wait()
         if dl.error is not None and dl.written == 0:
@@ -236,6 +264,8 @@ class BlobService:
         if dl.size is None:
             # No length from upstream: wait for the verified blob, then serve it from cache.
             await dl.finished.wait()
+            if isinstance(dl.error, _StorageFailed):
+                return await self._passthrough(target, digest, range_header)
             if dl.error is not None:
                 raise dl.error
             return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
@@ -262,15 +292,22 @@ class BlobService:
                     self._storage_failed(exc)
                     raise _StorageFailed() from None
                 if claim is not None:
-                    info = await self._store.stat(digest)
+                    try:
+                        info = await self._store.stat(digest)
+                    except StorageError:
+                        claim.release(done=False)
+                        raise
                     if info is not None:  # a peer committed it between our look and claim
                         claim.release(done=True)
-                        await self._adopt_committed(dl, info.size)
+                        await self._adopt_committed(dl, info.size, None)
                         return
                     await self._download(dl, claim)
                     return
                 if not await self._follow_peer(dl):
                     return
+        except StorageError as exc:
+            self._storage_failed(exc)
+            dl.error = _StorageFailed()
         except OCIError as exc:
             dl.error = exc
             log.warning("blob.fetch_failed", upstream=dl.target.upstream,
@@ -289,11 +326,13 @@ class BlobService:
             dl.finished.set()
             dl.notify()
 
-    async def _adopt_committed(self, dl: Download, size: int) -> None:
+    async def _adopt_committed(self, dl: Download, size: int,
+                               fetched_for: Target | None) -> None:
+        """Serve a blob another process committed: only once ``dl.target`` may see it."""
+        await self._admit(dl.target, dl.digest, fetched_for, size)
         dl.path = dl.final_path
         dl.size = dl.written = size
         dl.done = True
-        await self._meta.link(dl.target.upstream, dl.target.repository, dl.digest)
 
     async def _follow_peer(self, dl: Download) -> bool:
         """Tail another process's fetch. Returns True when this process should take over."""
@@ -302,12 +341,16 @@ class BlobService:
         loop = asyncio.get_running_loop()
         idle_limit = self._configs[dl.target.upstream].read_timeout + PEER_GRACE
         last_progress = loop.time()
+        owner: Target | None = None
         while True:
             info = await self._store.stat(dl.digest)
             if info is not None:
-                await self._adopt_committed(dl, info.size)
+                await self._adopt_committed(dl, info.size, owner)
                 return False
             peer = self._store.peer_fetch(dl.digest)
+            if peer.owner is not None and owner is None:
+                up, _, repo = peer.owner.partition("/")
+                owner = Target(up, repo)
             if not peer.alive:
                 if await self._store.stat(dl.digest) is not None:
                     continue
@@ -320,12 +363,14 @@ class BlobService:
                     return True
                 raise OCIError("UNAVAILABLE", "peer fetch died mid-stream", status=503)
             if peer.path is not None and dl.path is None:
+                # The peer fetches for its own repository: ours must be allowed to see it.
+                await self._admit(dl.target, dl.digest, owner)
                 dl.path, dl.size = peer.path, peer.size
                 dl.started.set()
             if dl.path is not None:
                 try:
                     written = os.stat(dl.path).st_size
-                except FileNotFoundError:
+                except OSError:
                     written = dl.written
                 if written != dl.written:
                     dl.written = written
@@ -355,7 +400,7 @@ class BlobService:
                     if resp.status != 200:
                         raise await relay_error(resp, "BLOB_UNKNOWN")
                     dl.size = resp.content_length
-                    claim.publish(w.local_path, dl.size)
+                    claim.publish(w.local_path, dl.size, str(target))
                     dl.started.set()
                     log.info("blob.fetch_started", upstream=target.upstream,
                              repository=target.repository, digest=str(digest), size=dl.size)
@@ -377,6 +422,9 @@ class BlobService:
                 if dl.size is not None and w.size != dl.size:
                     raise UpstreamUnavailable(target.upstream, f"body ended after {w.size} of "
                                               f"{dl.size} bytes")
+                # Linked before the blob becomes visible, so this repository's own requests
+                # never need upstream to confirm it (upstream just served it for this one).
+                await self._meta.link(target.upstream, target.repository, digest)
                 try:
                     await w.commit()
                 except DigestMismatch as exc:
@@ -389,8 +437,10 @@ class BlobService:
                 self._storage_failed(exc)
                 raise _StorageFailed() from None
             finally:
-                await writer_cm.__aexit__(None, None, None)
-            await self._meta.link(target.upstream, target.repository, digest)
+                try:
+                    await writer_cm.__aexit__(None, None, None)
+                except StorageError as exc:  # cleaning up after a failure failed too
+                    log.warning("storage.cleanup_failed", digest=str(digest), error=str(exc))
             dl.size = dl.written
             dl.done = True
             self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
@@ -398,7 +448,7 @@ class BlobService:
                      digest=str(digest), bytes=dl.written,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
         except OCIError as exc:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(StorageError):
                 claim.fail({"code": exc.code, "message": exc.message, "status": exc.status})
             raise
         finally:
@@ -406,7 +456,39 @@ class BlobService:
 
     def _storage_failed(self, exc: Exception) -> None:
         self._bypass_until = self._clock() + BYPASS_SECONDS
+        self._storage_error = str(exc)
         log.error("storage.write_failed", error=str(exc), bypass_seconds=BYPASS_SECONDS)
+
+    async def remainder(self, target: Target, digest: Digest, start: int, end: int
+                        ) -> AsyncGenerator[bytes]:
+        """Bytes ``start``..``end`` (exclusive) of a blob straight from upstream, uncached: how
+        readers of a download whose cache write failed finish their response."""
+        source = await self._passthrough(target, digest, f"bytes={start}-{end - 1}")
+        skip = 0
+        if source.status == 200:
+            skip = start  # upstream ignored the range: drop what was already sent
+        elif not (source.content_range or "").startswith(f"bytes {start}-"):
+            await source.chunks.aclose()
+            raise DownloadFailed("UNAVAILABLE", "upstream could not resume the blob",
+                                 status=503)
+        log.warning("blob.continued_uncached", upstream=target.upstream,
+                    repository=target.repository, digest=str(digest), offset=start)
+        want = end - start
+        async with contextlib.aclosing(source.chunks) as chunks:
+            async for chunk in chunks:
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                chunk = chunk[:want]
+                want -= len(chunk)
+                if chunk:
+                    yield chunk
+                if want <= 0:
+                    return
+        if want > 0:
+            raise DownloadFailed("UNAVAILABLE", "upstream body ended early", status=503)
 
     async def _passthrough(self, target: Target, digest: Digest,
                            range_header: str | None) -> PassthroughBlob:

@@ -19,6 +19,7 @@ from mirrorcache.oci.digest import digest_of
 from mirrorcache.oci.reference import Digest, Reference
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import BlobStore, StorageError
 from mirrorcache.storage.metadata import Metadata, TagRecord
 from mirrorcache.upstream.body import BodyRefused, read_capped
@@ -54,16 +55,17 @@ class ManifestService:
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, coalescer: Coalescer,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, gate: RepositoryGate | None = None) -> None:
         self._upstreams = upstreams
         self._configs = configs
         self._store = store
         self._meta = meta
+        self._gate = gate or RepositoryGate(configs, meta)
         self._coalescer = coalescer
         self._metrics = metrics
         self._background: set[asyncio.Task[object]] = set()
         # Manifests are immutable and small: the hot ones stay in memory (bounded in bytes).
-        self._memo: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
+        self._memo: LRUCache[Digest, tuple[bytes, str | None]] = LRUCache(
             maxsize=MEMO_BYTES, getsizeof=lambda v: len(v[0]) + 200)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=TAG_MEMO)
 
@@ -75,18 +77,31 @@ class ManifestService:
         return await self._by_tag(target, ref.tag, accept, head=head)
 
     # -- cache helpers
-    async def _cached(self, digest: Digest, cache: str) -> ManifestResult | None:
+    async def _cached(self, target: Target, digest: Digest, cache: str
+                      ) -> ManifestResult | None:
+        """The stored manifest, its media type as ``target``'s upstream gave it. The caller
+        has checked ``target`` may see ``digest``."""
         memo = self._memo.get(digest)
         if memo is not None:
-            body, mt = memo
-            return ManifestResult(digest, mt, len(body), body, cache)
-        try:
-            body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
-        except StorageError:
-            return None
-        mt = self._meta.get_media_type(digest) or media.sniff_media_type(body)
-        self._memo[digest] = (body, mt)
+            body, declared = memo
+        else:
+            try:
+                body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
+            except StorageError:
+                return None
+            declared = media.declared_media_type(body)
+            self._memo[digest] = (body, declared)
+        mt = declared or self._meta.get_media_type(target.upstream, target.repository,
+                                                   digest) or media.sniff_media_type(body)
         return ManifestResult(digest, mt, len(body), body, cache)
+
+    async def _have(self, digest: Digest) -> bool:
+        if digest in self._memo:
+            return True
+        try:
+            return await self._store.stat(digest) is not None
+        except StorageError:
+            return False
 
     def _tag_record(self, target: Target, tag: str, ttl: float) -> TagRecord | None:
         """The tag record: from memory while fresh, else from the shared metadata store
@@ -101,10 +116,14 @@ class ManifestService:
 
     async def _store_manifest(self, target: Target, digest: Digest, body: bytes,
                               media_type: str) -> None:
+        # Linked (and typed) before it becomes visible: this repository's own requests never
+        # need upstream to confirm it.
+        await self._meta.link(target.upstream, target.repository, digest)
+        if media.declared_media_type(body) is None:
+            await self._meta.set_media_type(target.upstream, target.repository, digest,
+                                            media_type)
         try:
             await self._store.put_bytes(digest, body)
-            await self._meta.set_media_type(digest, media_type)
-            await self._meta.link(target.upstream, target.repository, digest)
         except StorageError as exc:
             log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
 
@@ -112,15 +131,16 @@ class ManifestService:
     async def _by_digest(self, target: Target, digest: Digest, accept: str | None, *,
                          head: bool) -> ManifestResult:
         cfg = self._configs[target.upstream]
-        stored = await self._cached(digest, "hit")
-        if stored is not None:
-            if cfg.offline or self._meta.is_linked(target.upstream, target.repository, digest):
+        if await self._have(digest):
+            # Cached, maybe via another repository: the one repository rule decides.
+            async def confirm() -> int | None:
+                return (await self._head_upstream(target, str(digest), accept)).size
+
+            await self._gate.admit(target, digest, unknown="MANIFEST_UNKNOWN",
+                                   confirm=confirm)
+            stored = await self._cached(target, digest, "hit")
+            if stored is not None:
                 return stored
-            # Cached via another repository: upstream must confirm this one holds it too,
-            # or per-repository access rules could be sidestepped by digest.
-            await self._head_upstream(target, str(digest), accept)
-            await self._meta.link(target.upstream, target.repository, digest)
-            return stored
         if cfg.offline:
             raise OCIError("MANIFEST_UNKNOWN", f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
@@ -143,7 +163,8 @@ class ManifestService:
             fresh = age < cfg.tag_ttl or cfg.offline
             swr = not fresh and age < cfg.tag_ttl + cfg.tag_stale_while_revalidate
             if fresh or swr:
-                hit = await self._cached(rec.digest, "hit")
+                # The tag record is this repository's own: its digest is linked to it.
+                hit = await self._cached(target, rec.digest, "hit")
                 if hit is not None and media.accepts(accept, hit.media_type):
                     if swr:
                         self._revalidate_in_background(target, tag)
@@ -160,7 +181,8 @@ class ManifestService:
                 ("tag", target.upstream, target.repository, tag),
                 lambda: self._revalidate(target, tag, rec))
         except OCIError as err:
-            stale = await self._cached(rec.digest, "stale") if rec is not None else None
+            stale = (await self._cached(target, rec.digest, "stale") if rec is not None
+                     else None)
             if stale is None or not _is_transient(err):
                 raise
             log.warning("upstream.stale_served", upstream=target.upstream,
@@ -206,7 +228,8 @@ class ManifestService:
             except OCIError:
                 new_digest = None
         if new_digest is not None:
-            cached = await self._cached(new_digest, "hit" if rec is not None
+            # Upstream just said this repository's tag is this digest: it may see it.
+            cached = await self._cached(target, new_digest, "hit" if rec is not None
                                         and rec.digest == new_digest else "miss")
             if cached is not None:
                 await self._meta.link(target.upstream, target.repository, new_digest)
@@ -250,8 +273,10 @@ class ManifestService:
                       repository=target.repository, expected=str(want), actual=str(actual))
             raise OCIError("DIGEST_INVALID", f"upstream manifest does not match {want}",
                            status=502)
-        media_type = content_type if content_type.startswith("application/vnd.") else (
-            media.sniff_media_type(body))
+        # The manifest's own mediaType field wins over what this upstream's header claims.
+        media_type = media.declared_media_type(body) or (
+            content_type if content_type.startswith("application/vnd.")
+            else media.sniff_media_type(body))
         await self._store_manifest(target, actual, body, media_type)
         return ManifestResult(actual, media_type, len(body), body, cache)
 

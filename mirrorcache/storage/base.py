@@ -15,7 +15,10 @@ from mirrorcache.oci.reference import Digest
 
 
 class StorageError(Exception):
-    """The backend failed (disk full, permission, network to object storage)."""
+    """The backend failed (disk full, permission, network to object storage).
+
+    Every backend operation raises this (never a bare OSError) when storage fails, so callers
+    have one failure path: serve uncached from upstream."""
 
 
 class BlobNotFound(StorageError):
@@ -48,18 +51,22 @@ class PeerFetch:
     path: Path | None = None
     size: int | None = None
     error: dict[str, Any] | None = None
+    #: Whom the peer fetches for (an opaque label the caller published), if it said.
+    owner: str | None = None
 
 
 class InflightClaim(Protocol):
     """This process's exclusive claim on fetching a digest, visible to other processes."""
 
-    def publish(self, spool: Path, size: int | None) -> None:
-        """Say where the bytes land and how many there will be."""
+    def publish(self, spool: Path, size: int | None, owner: str | None = None) -> None:
+        """Say where the bytes land, how many there will be and whom they are fetched for.
+        Raises StorageError."""
 
     def fail(self, error: dict[str, Any]) -> None:
-        """Say why the fetch failed (OCI code, message, status)."""
+        """Say why the fetch failed (OCI code, message, status). Raises StorageError."""
 
-    def release(self, *, done: bool) -> None: ...
+    def release(self, *, done: bool) -> None:
+        """Give the claim up (never raises); nothing of it is left behind."""
 
 
 class BlobWriter(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -131,15 +132,22 @@ class FsBlobWriter:
     def _close_fd(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            except OSError as exc:  # e.g. a delayed write error reported at close
+                raise StorageError(f"closing {self.digest}: {exc.strerror}") from exc
 
     async def commit(self) -> BlobInfo:
         try:
             await self.flush()
         finally:
             await self._drain_quietly()
-        self._close_fd()
         self.finished = True
+        try:
+            self._close_fd()
+        except StorageError:
+            self._unlink()
+            raise
         actual = self._hash.hexdigest()
         if actual != self.digest.hex:
             self._unlink()
@@ -161,11 +169,14 @@ class FsBlobWriter:
             self._path.unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("storage.unlink_failed", path=str(self._path), error=exc.strerror)
 
     async def cancel(self) -> None:
         await self._drain_quietly()
-        self._close_fd()
         self.finished = True
+        with contextlib.suppress(StorageError):
+            self._close_fd()
         self._unlink()
 
 
@@ -184,20 +195,30 @@ class FsInflightClaim:
 
     def _write(self, doc: dict[str, Any]) -> None:
         data = json.dumps(doc).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+        except OSError as exc:
+            raise StorageError(f"claim file {self._path.name}: {exc.strerror}") from exc
 
-    def publish(self, spool: Path, size: int | None) -> None:
-        self._write({"path": str(spool), "size": size})
+    def publish(self, spool: Path, size: int | None, owner: str | None = None) -> None:
+        self._write({"path": str(spool), "size": size, "owner": owner})
 
     def fail(self, error: dict[str, Any]) -> None:
         self._write({"error": error})
 
     def release(self, *, done: bool) -> None:
-        if done:
-            with contextlib.suppress(FileNotFoundError):
-                self._path.unlink()
-        os.close(self._fd)
+        """Remove the claim file (while still holding the lock, so nobody can be handed a
+        lock on a file that is gone) and close it; nothing is left in tmp/ either way.
+        A follower that finds no claim file looks for the blob, then fetches it itself."""
+        try:
+            self._path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("storage.unlink_failed", path=str(self._path), error=exc.strerror)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 class FilesystemBlobStore:
@@ -217,7 +238,7 @@ class FilesystemBlobStore:
     async def stat(self, digest: Digest) -> BlobInfo | None:
         try:
             st = os.stat(self.path_of(digest))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise StorageError(f"stat {digest}: {exc.strerror}") from exc
@@ -241,12 +262,17 @@ class FilesystemBlobStore:
             f = open(self.path_of(digest), "rb")  # noqa: ASYNC230
         except FileNotFoundError:
             raise BlobNotFound(str(digest)) from None
+        except OSError as exc:
+            raise StorageError(f"reading {digest}: {exc.strerror}") from exc
         with f:
-            f.seek(offset)
             remaining = length
             while remaining is None or remaining > 0:
                 n = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
-                data = await asyncio.to_thread(f.read, n)
+                try:
+                    data = await asyncio.to_thread(os.pread, f.fileno(), n, offset)
+                except OSError as exc:
+                    raise StorageError(f"reading {digest}: {exc.strerror}") from exc
+                offset += len(data)
                 if not data:
                     break
                 if remaining is not None:
@@ -275,14 +301,23 @@ class FilesystemBlobStore:
             self.path_of(digest).unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise StorageError(f"deleting {digest}: {exc.strerror}") from exc
 
     async def list(self) -> AsyncIterator[BlobInfo]:
         for algorithm, hexlen in DIGEST_ALGORITHMS.items():
             base = self.root / keys.BLOBS_DIR / algorithm
             if not base.is_dir():
                 continue
-            for sub in sorted(base.iterdir()):
-                entries = await asyncio.to_thread(_scan, sub)
+            try:
+                subs = sorted(base.iterdir())
+            except OSError as exc:
+                raise StorageError(f"listing {base}: {exc.strerror}") from exc
+            for sub in subs:
+                try:
+                    entries = await asyncio.to_thread(_scan, sub)
+                except OSError as exc:
+                    raise StorageError(f"listing {sub}: {exc.strerror}") from exc
                 for name, size in entries:
                     if len(name) == hexlen:
                         yield BlobInfo(Digest(algorithm, name), size)
@@ -293,17 +328,32 @@ class FilesystemBlobStore:
     def claim(self, digest: Digest) -> FsInflightClaim | None:
         """Claim the fetch of ``digest`` for this process, or None if another process has it."""
         path = self._lock_path(digest)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StorageError(f"claim {digest}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        os.ftruncate(fd, 0)
-        return FsInflightClaim(fd, path)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StorageError(f"claim {digest}: {exc.strerror}") from exc
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
+                # The previous holder may have removed the file between our open and flock:
+                # a lock on a file no longer at ``path`` claims nothing. Try again.
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(path))
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise StorageError(f"claim {digest}: {exc.strerror}") from exc
+            return FsInflightClaim(fd, path)
 
     def peer_fetch(self, digest: Digest) -> PeerFetch:
         """Look at another process's claim on ``digest`` (alive=False when nobody holds it)."""
@@ -311,6 +361,8 @@ class FilesystemBlobStore:
             fd = os.open(self._lock_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return PeerFetch(alive=False)
+        except OSError as exc:
+            raise StorageError(f"claim of {digest}: {exc.strerror}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -318,6 +370,8 @@ class FilesystemBlobStore:
             except BlockingIOError:
                 alive = True
             raw = os.pread(fd, 65536, 0)
+        except OSError as exc:
+            raise StorageError(f"claim of {digest}: {exc.strerror}") from exc
         finally:
             os.close(fd)
         try:
@@ -329,15 +383,17 @@ class FilesystemBlobStore:
             path=Path(doc["path"]) if isinstance(doc.get("path"), str) else None,
             size=doc.get("size") if isinstance(doc.get("size"), int) else None,
             error=doc.get("error") if isinstance(doc.get("error"), dict) else None,
+            owner=doc.get("owner") if isinstance(doc.get("owner"), str) else None,
         )
 
     async def cleanup_orphans(self, min_age: float = 60.0) -> int:
-        """Remove partial files no live process is writing (a worker that crashed mid-fetch),
-        while other processes keep running; files younger than ``min_age`` are left alone."""
+        """Remove partial and claim files no live process holds (a worker that crashed
+        mid-fetch), while other processes keep running; files younger than ``min_age`` are
+        left alone."""
         removed = 0
         now = time.time()
-        for entry in os.scandir(self.root / keys.TMP_DIR):
-            if not entry.name.endswith(keys.TMP_SUFFIX):
+        for entry in self._tmp_entries():
+            if not entry.name.endswith((keys.TMP_SUFFIX, ".lock")):
                 continue
             alg, _, rest = entry.name.partition("-")
             hexpart = rest.split(".", 1)[0]
@@ -349,19 +405,30 @@ class FilesystemBlobStore:
                 removed += 1
             except (FileNotFoundError, ValueError):
                 continue
+            except (OSError, StorageError) as exc:
+                log.warning("storage.cleanup_failed", path=entry.path, error=str(exc))
         if removed:
             log.info("storage.orphans_cleaned", files=removed)
         return removed
 
+    def _tmp_entries(self) -> builtins.list[os.DirEntry[str]]:
+        try:
+            with os.scandir(self.root / keys.TMP_DIR) as it:
+                return list(it)
+        except OSError as exc:
+            raise StorageError(f"listing tmp/: {exc.strerror}") from exc
+
     async def cleanup_temp(self) -> int:
         removed = 0
-        for entry in os.scandir(self.root / keys.TMP_DIR):
+        for entry in self._tmp_entries():
             if entry.name.endswith(keys.TMP_SUFFIX) or entry.name.endswith(".lock"):
                 try:
                     os.unlink(entry.path)
                     removed += 1
                 except FileNotFoundError:
                     pass
+                except OSError as exc:
+                    raise StorageError(f"removing {entry.name}: {exc.strerror}") from exc
         if removed:
             log.info("storage.temp_cleaned", files=removed)
         return removed
