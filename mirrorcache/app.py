@@ -68,12 +68,13 @@ def create_app(config: Config, *, clean_temp: bool = True,
                       "logger": ProtocolLogger()},
     )
     app[CONFIG] = config
+    authenticator = Authenticator(config.auth.users, config.auth.tokens, config.auth.groups)
     app[CLIENT_AUTH] = ClientAuth(
-        enabled=config.auth.enabled, realm=config.auth.realm,
-        authenticator=Authenticator(config.auth.users, config.auth.tokens, config.auth.groups),
+        enabled=config.auth.enabled, realm=config.auth.realm, authenticator=authenticator,
         limiter=FailedLoginLimiter(config.auth.max_failed_logins,
                                    config.auth.failed_login_window),
     )
+    app.on_cleanup.append(lambda _: authenticator.aclose())
     app[POLICY] = PolicyHolder(config.policy.policy, config.policy.file)
     add_routes(app)
 
