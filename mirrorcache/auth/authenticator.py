@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -181,9 +181,9 @@ class Authenticator:
             self._pending -= 1
 
 
-def _dummy_hash(hashes: object) -> bytes:
+def _dummy_hash(hashes: Iterable[bytes]) -> bytes:
     """A well-formed bcrypt hash that matches no password, at the users' usual cost."""
-    costs = Counter(int(h[4:6]) for h in hashes if isinstance(h, bytes))
+    costs = Counter(int(h[4:6]) for h in hashes)
     cost = costs.most_common(1)[0][0] if costs else 10
     return f"$2b${cost:02d}${_DUMMY_TAIL}".encode()
 
