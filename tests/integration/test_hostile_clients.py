@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 import bcrypt
 import pytest
+from structlog.testing import capture_logs
 
 from mirrorcache.auth import authenticator as authenticator_module
 from tests.support.countingproxy import CountingProxy
@@ -138,4 +140,64 @@ async def test_login_flood_stays_out_of_the_default_executor(
     assert len(checks) == 61
     assert {name.rsplit("_", 1)[0] for name in checks} == {"mirrorcache-bcrypt"}
     assert pull < 5.0
+    assert hub.count(kind="blob") == 1
+
+
+def small_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    return sock
+
+
+async def read_some_then_close(port: int, path: str, want: int) -> None:
+    """GET ``path`` and vanish after ``want`` bytes of the response (small socket buffers,
+    so the server cannot have sent everything into them by then)."""
+    sock = small_socket()
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    got = 0
+    while got < want:
+        chunk = await reader.read(65536)
+        assert chunk, "server closed first"
+        got += len(chunk)
+    writer.transport.abort()  # RST: the server's next send fails
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "inflight"])
+async def test_client_disconnect_is_one_event_with_the_bytes_sent(
+        tmp_path: Path, registry: RegistryProcess, hub: CountingProxy, cached: bool) -> None:
+    """A client that vanishes mid-blob: one ``request.client_disconnected`` event, no
+    traceback and no ``request.unhandled_error``; ``request.finished`` has 0 < bytes < size."""
+    size = 48 << 20
+    repo, img = await push(registry, [size])
+    layer = img.layers[0]
+    hub.reset()
+    raw = mirror_config(tmp_path, {"docker.io": {"url": hub.url}})
+    async with Mirror(raw) as m:
+        port = int(m.host.rsplit(":", 1)[1])
+        path = f"/v2/{repo}/blobs/{layer.digest}"
+        async with aiohttp.ClientSession() as http:
+            if cached:
+                async with http.get(m.url + path) as resp:
+                    assert resp.status == 200 and await resp.read() == layer.data
+        with capture_logs() as logs:
+            await read_some_then_close(port, path, 1 << 20)
+            deadline = time.monotonic() + 10
+            while not any(e["event"] == "request.finished" for e in logs):
+                assert time.monotonic() < deadline, logs
+                await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession() as http:  # the mirror is fine afterwards
+            async with http.get(m.url + path) as resp:
+                assert resp.status == 200 and await resp.read() == layer.data
+    finished = [e for e in logs if e["event"] == "request.finished"]
+    assert len(finished) == 1
+    assert finished[0]["error"] == "client_disconnected" and finished[0]["status"] == 200
+    assert 0 < finished[0]["bytes"] < len(layer.data)
+    gone = [e for e in logs if e["event"] == "request.client_disconnected"]
+    assert len(gone) == 1 and "exc_info" not in gone[0]
+    assert not [e for e in logs if e["event"] in ("request.unhandled_error",
+                                                  "http.protocol_error")]
+    assert not [e for e in logs if e.get("exc_info")]
     assert hub.count(kind="blob") == 1
