@@ -21,6 +21,7 @@ from mirrorcache.auth.limiter import FailedLoginLimiter
 from mirrorcache.auth.middleware import CLIENT_AUTH, ClientAuth, client_auth_middleware
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
+from mirrorcache.connections import CONNECTIONS, ConnectionGuard, connection_limit_middleware
 from mirrorcache.errors import error_middleware
 from mirrorcache.log import ProtocolLogger
 from mirrorcache.metrics import Metrics
@@ -61,13 +62,16 @@ def create_app(config: Config, *, clean_temp: bool = True,
     ``store`` replaces the configured blob store (tests inject failing stores here).
     """
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware, request_guard_middleware,
-                     client_auth_middleware],
+        middlewares=[access_log_middleware, connection_limit_middleware, error_middleware,
+                     request_guard_middleware, client_auth_middleware],
         client_max_size=1024 * 1024,
         handler_args={"max_line_size": 8190, "max_field_size": 8190,
                       "logger": ProtocolLogger()},
     )
     app[CONFIG] = config
+    app[CONNECTIONS] = ConnectionGuard(config.limits.max_connections,
+                                       config.limits.max_connections_per_client,
+                                       config.limits.send_timeout)
     authenticator = Authenticator(config.auth.users, config.auth.tokens, config.auth.groups)
     app[CLIENT_AUTH] = ClientAuth(
         enabled=config.auth.enabled, realm=config.auth.realm, authenticator=authenticator,

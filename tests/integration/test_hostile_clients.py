@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mirrorcache.auth import authenticator as authenticator_module
+from mirrorcache.connections import CONNECTIONS
 from tests.support.countingproxy import CountingProxy
 from tests.support.images import Image, make_image, push_image
 from tests.support.mirror import Mirror, mirror_config
@@ -200,4 +202,91 @@ async def test_client_disconnect_is_one_event_with_the_bytes_sent(
     assert not [e for e in logs if e["event"] in ("request.unhandled_error",
                                                   "http.protocol_error")]
     assert not [e for e in logs if e.get("exc_info")]
+    assert hub.count(kind="blob") == 1
+
+
+async def send_request(port: int, path: str, *, close: bool = False
+                       ) -> tuple[int, dict[str, str], bytes]:
+    """One request (keep-alive unless ``close``); the whole answer, read until the server
+    closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = "Connection: close\r\n" if close else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)  # a refused connection is closed
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+async def test_connections_over_the_per_client_cap_get_503(
+        tmp_path: Path, registry: RegistryProcess, hub: CountingProxy) -> None:
+    """With max_connections_per_client 20: 20 idle connections are held, the 21st
+    connection's request gets 503 TOOMANYREQUESTS (JSON, Retry-After) and is closed;
+    /healthz is still answered on such a connection; closing idle ones frees the cap."""
+    repo, img = await push(registry, [1000])
+    hub.reset()
+    raw = mirror_config(tmp_path, {"docker.io": {"url": hub.url}},
+                        limits={"max_connections_per_client": 20, "max_connections": 100})
+    async with Mirror(raw) as m:
+        port = int(m.host.rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        with capture_logs() as logs:
+            status, headers, body = await send_request(port, f"/v2/{repo}/manifests/v1")
+            assert status == 503
+            assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+            assert int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
+            status, _, body = await send_request(port, "/healthz")
+            assert status == 200 and json.loads(body) == {"status": "ok"}
+            status, _, _ = await send_request(port, "/readyz")
+            assert status == 503
+        assert [e["event"] for e in logs].count("connection.refused") == 3
+        assert hub.requests == []
+        for _, writer in idle[:5]:
+            writer.close()
+        deadline = time.monotonic() + 5
+        while m.app[CONNECTIONS].per_client["127.0.0.1"] > 15:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        status, _, body = await send_request(port, f"/v2/{repo}/manifests/v1", close=True)
+        assert status == 200 and body == img.manifest
+        for _, writer in idle[5:]:
+            writer.close()
+    assert hub.count(kind="manifest") >= 1  # only the admitted request went upstream
+
+
+async def test_client_that_stops_reading_is_cut_after_send_timeout(
+        tmp_path: Path, registry: RegistryProcess, hub: CountingProxy) -> None:
+    """A client asks for a big cached blob and never reads: its connection is reset within
+    the send timeout (plus the kernel's probe granularity), the server's slot is freed."""
+    repo, img = await push(registry, [24 << 20])
+    layer = img.layers[0]
+    raw = mirror_config(tmp_path, {"docker.io": {"url": hub.url}},
+                        limits={"send_timeout": "1s"})
+    async with Mirror(raw) as m:
+        port = int(m.host.rsplit(":", 1)[1])
+        path = f"/v2/{repo}/blobs/{layer.digest}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(m.url + path) as resp:
+                assert resp.status == 200 and await resp.read() == layer.data
+        guard = m.app[CONNECTIONS]
+        sock = small_socket()
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        with capture_logs() as logs:
+            await asyncio.get_running_loop().sock_sendall(
+                sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            start = time.monotonic()
+            while guard.total > 0:  # the server lets go of the connection
+                assert time.monotonic() - start < 10, "connection still open"
+                await asyncio.sleep(0.05)
+            cut = time.monotonic() - start
+            while not any(e["event"] == "request.finished" for e in logs):
+                assert time.monotonic() - start < 10, logs
+                await asyncio.sleep(0.05)
+        sock.close()
+    assert cut < 5.0
+    finished = [e for e in logs if e["event"] == "request.finished"]
+    assert len(finished) == 1 and finished[0]["error"] == "client_disconnected"
+    assert 0 < finished[0]["bytes"] < len(layer.data)
     assert hub.count(kind="blob") == 1

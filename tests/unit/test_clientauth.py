@@ -182,3 +182,13 @@ async def test_bcrypt_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sum(isinstance(r, mod.Overloaded) for r in results) == 2
     assert sum(isinstance(r, BadCredentials) for r in results) == 4
     await authn.aclose()
+
+
+def test_client_key_groups_ipv6_by_64() -> None:
+    from mirrorcache.connections import client_key
+
+    assert client_key("10.1.2.3") == "10.1.2.3"
+    assert client_key("::ffff:10.1.2.3") == "10.1.2.3"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2::ffff") == \
+        "2001:db8:1:2::/64"
+    assert client_key(None) == "unknown"
