@@ -22,6 +22,7 @@ from mirrorcache.auth.limiter import FailedLoginLimiter
 from mirrorcache.auth.middleware import CLIENT_AUTH, ClientAuth, client_auth_middleware
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
+from mirrorcache.connections import CONNECTIONS, ConnectionGuard, connection_limit_middleware
 from mirrorcache.errors import error_middleware
 from mirrorcache.log import ProtocolLogger
 from mirrorcache.metrics import Metrics
@@ -76,19 +77,23 @@ def create_app(config: Config, *, clean_temp: bool = True,
     ``clock`` times the storage-bypass window (tests inject a controllable one).
     """
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware, request_guard_middleware,
-                     client_auth_middleware],
+        middlewares=[access_log_middleware, connection_limit_middleware, error_middleware,
+                     request_guard_middleware, client_auth_middleware],
         client_max_size=1024 * 1024,
         handler_args={"max_line_size": 8190, "max_field_size": 8190,
                       "logger": ProtocolLogger()},
     )
     app[CONFIG] = config
+    app[CONNECTIONS] = ConnectionGuard(config.limits.max_connections,
+                                       config.limits.max_connections_per_client,
+                                       config.limits.send_timeout)
+    authenticator = Authenticator(config.auth.users, config.auth.tokens, config.auth.groups)
     app[CLIENT_AUTH] = ClientAuth(
-        enabled=config.auth.enabled, realm=config.auth.realm,
-        authenticator=Authenticator(config.auth.users, config.auth.tokens, config.auth.groups),
+        enabled=config.auth.enabled, realm=config.auth.realm, authenticator=authenticator,
         limiter=FailedLoginLimiter(config.auth.max_failed_logins,
                                    config.auth.failed_login_window),
     )
+    app.on_cleanup.append(lambda _: authenticator.aclose())
     app[POLICY] = PolicyHolder(config.policy.policy, config.policy.file)
     add_routes(app)
 

@@ -232,6 +232,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Client connection caps (0: none) and the send timeout for clients that stop reading."""
+
+    max_connections: int = 4096
+    max_connections_per_client: int = 512
+    send_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     """Serve HTTPS with this certificate chain and key."""
 
@@ -255,6 +264,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
@@ -423,6 +433,19 @@ def _parse_auth(sec: _Section, environ: Mapping[str, str]) -> AuthConfig:
     return cfg
 
 
+def _parse_limits(sec: _Section) -> LimitsConfig:
+    cfg = LimitsConfig(
+        max_connections=sec.integer("max_connections", 4096, 0, 1_000_000),
+        max_connections_per_client=sec.integer("max_connections_per_client", 512, 0,
+                                               1_000_000),
+        send_timeout=sec.duration("send_timeout", 60.0),
+    )
+    if 0 < cfg.send_timeout < 1:
+        sec.problem("send_timeout", "must be at least 1s (or 0 to disable)")
+    sec.finish()
+    return cfg
+
+
 def _parse_tls(sec: _Section) -> TlsConfig | None:
     if not sec.data:
         sec.finish()
@@ -509,6 +532,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         policy=policy_cfg,
         auth=auth_cfg,
         tls=tls_cfg,
+        limits=_parse_limits(root.section("limits")),
     )
     root.finish()
     if problems:

@@ -6,11 +6,13 @@ unexpected exception, without a traceback) into ``{"errors": [{"code", "message"
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -129,6 +131,21 @@ def error_from_upstream(status: int, body: bytes, default_code: str) -> OCIError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def is_client_disconnect(request: web.BaseRequest, exc: BaseException) -> bool:
+    """Whether ``exc`` only says that the client went away (reset, closed, or timed out
+    by the kernel's send timeout) rather than that something of ours failed: an OS-level
+    error while the client's connection is gone or closing, or a reset/broken pipe/kernel
+    timeout on it (sendfile reports those on the socket before the transport knows). Errors
+    of our own upstream client (``aiohttp.ClientError``) never count."""
+    if not isinstance(exc, OSError) or (isinstance(exc, aiohttp.ClientError) and not (
+            request.transport is None or request.transport.is_closing())):
+        return False
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    return isinstance(exc, ConnectionError) or exc.errno == errno.ETIMEDOUT
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as OCI error JSON; never leak a traceback."""
@@ -147,6 +164,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code = _STATUS_CODES.get(exc.status, "UNKNOWN")
         return error_response(OCIError(code, exc.reason, status=exc.status), head=head)
-    except Exception:
+    except Exception as exc:
+        if is_client_disconnect(request, exc):
+            raise  # not an error of ours: the access log records it, once
         log.exception("request.unhandled_error", method=request.method, path=request.path)
         return error_response(OCIError("UNKNOWN", "internal error"), head=head)

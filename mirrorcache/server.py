@@ -10,19 +10,21 @@ The supervisor cleans crash leftovers once before any worker starts, forwards SI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import sys
 import time
-from typing import Any
 
 import structlog
 from aiohttp import web
 
 from mirrorcache.app import create_app
 from mirrorcache.config import Config
+from mirrorcache.connections import GuardedAppRunner
 from mirrorcache.log import configure_logging
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.tls import server_ssl_context
@@ -54,15 +56,64 @@ def serve_one(config: Config, *, worker: int | None = None) -> None:
     """Run the app in this process until SIGTERM/SIGINT (graceful: in-flight pulls finish
     within ``shutdown_grace``)."""
     configure_logging(config.log.level, config.log.format)
+    check_fd_limit(config.limits.max_connections)
     app = create_app(config, clean_temp=worker is None)
-    kwargs: dict[str, Any] = {}
     if worker is not None:
-        kwargs["reuse_port"] = True
         structlog.contextvars.bind_contextvars(worker=worker)
-    web.run_app(app, host=config.listen_host, port=config.listen_port, access_log=None,
-                print=None, shutdown_timeout=config.shutdown_grace, backlog=LISTEN_BACKLOG,
-                ssl_context=server_ssl_context(config.tls), loop=_new_loop(config.event_loop),
-                **kwargs)
+    loop = _new_loop(config.event_loop)
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_run(app, config, reuse_port=worker is not None))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _run(app: web.Application, config: Config, *, reuse_port: bool) -> None:
+    """What ``web.run_app`` does, with the runner that counts client connections."""
+    runner = GuardedAppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace,
+                              handle_signals=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port,
+                           ssl_context=server_ssl_context(config.tls), backlog=LISTEN_BACKLOG,
+                           reuse_port=reuse_port or None)
+        await site.start()
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()
+
+
+#: File descriptors kept for everything but client connections (upstream connections,
+#: cache files being written and sent, the metadata store, logs).
+FD_RESERVE = 256
+
+
+def check_fd_limit(max_connections: int) -> None:
+    """Raise the soft open-files limit towards the hard one if ``max_connections`` needs it;
+    warn if even that is too low (the cap would then not stop a flood before fds run out)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = (max_connections or 0) + FD_RESERVE
+    if max_connections == 0 or soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < need:
+        log.warning("server.fd_limit_low", open_files=soft, max_connections=max_connections,
+                    hint=f"raise ulimit -n to {need} or lower limits.max_connections to "
+                         f"{max(soft - FD_RESERVE, 0)}")
 
 
 def _worker_main(config: Config, index: int) -> None:

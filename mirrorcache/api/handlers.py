@@ -7,7 +7,7 @@ import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import structlog
 from aiohttp import web
@@ -37,6 +37,16 @@ READ_METHODS = ("GET", "HEAD")
 TARGET_KEY = "mc.target"
 CACHE_KEY = "mc.cache"
 KIND_KEY = "mc.kind"
+#: Body bytes handed to the kernel so far, for responses the access log cannot measure
+#: itself (sendfile, and bodies cut short).
+SENT_KEY = "mc.sent"
+#: A streamed response, once its status line is out (the access log reports its status
+#: even if the client goes away mid-body).
+RESPONSE_KEY = "mc.response"
+
+
+def _count_sent(request: web.Request, n: int) -> None:
+    request[SENT_KEY] = request.get(SENT_KEY, 0) + n
 
 
 async def v2(request: web.Request) -> web.StreamResponse:
@@ -127,6 +137,19 @@ class BlobFileResponse(web.FileResponse):
             return None
         return await super().prepare(request)
 
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
+                        count: int) -> AbstractStreamWriter:
+        """aiohttp's sendfile, counting the bytes sent even when the client goes away (the
+        event loop leaves the file position after the last byte it sent)."""
+        try:
+            writer = await super()._sendfile(request, fobj, offset, count)
+        except BaseException:
+            with contextlib.suppress(OSError, ValueError):
+                _count_sent(request, max(fobj.tell() - offset, 0))  # type: ignore[arg-type]
+            raise
+        _count_sent(request, count)  # type: ignore[arg-type]
+        return writer
+
 
 def _blob_headers(digest: Digest) -> dict[str, str]:
     return {
@@ -200,9 +223,11 @@ async def _stream_inflight(request: web.Request, source: InflightBlob, target: T
         limit = await dl.available(pos, end) if end > start else end
         f = dl.open_file()
     except CacheWriteFailed:
+        request[RESPONSE_KEY] = resp
         await resp.prepare(request)
         return await _finish_uncached(request, resp, target, digest, pos, end)
     with f:
+        request[RESPONSE_KEY] = resp
         await resp.prepare(request)
         try:
             while pos < end:
@@ -237,15 +262,20 @@ async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: Bi
         raise ConnectionResetError("client went away")
     try:
         await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+        _count_sent(request, count)
         return
     except NotImplementedError:
         pass
+    except BaseException:
+        _count_sent(request, max(f.tell() - offset, 0))
+        raise
     end = offset + count
     while offset < end:
         data = os.pread(f.fileno(), min(1 << 18, end - offset), offset)
         if not data:
             raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
         await resp.write(data)
+        _count_sent(request, len(data))
         offset += len(data)
 
 
@@ -257,6 +287,7 @@ async def _stream_passthrough(request: web.Request, source: PassthroughBlob
     if source.content_range:
         resp.headers["Content-Range"] = source.content_range
     async with contextlib.aclosing(source.chunks):
+        request[RESPONSE_KEY] = resp
         await resp.prepare(request)
         return await _send_chunks(request, resp, source.chunks)
 
@@ -267,6 +298,7 @@ async def _send_chunks(request: web.Request, resp: web.StreamResponse,
     try:
         async for chunk in chunks:
             await resp.write(chunk)
+            _count_sent(request, len(chunk))
     except OCIError as exc:  # DownloadFailed, or an upstream refusing the rest of the body
         _abort(request, exc)
         return resp

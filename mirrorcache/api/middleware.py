@@ -1,4 +1,9 @@
-"""The access log: one ``request.finished`` event (and metrics) per request, after the body."""
+"""The access log: one ``request.finished`` event (and metrics) per request, after the body.
+
+A client that goes away mid-response is not an error of ours: it is logged once as
+``request.client_disconnected`` (no traceback), its ``request.finished`` carries
+``error: client_disconnected`` and the body bytes really sent, and the connection is closed.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import time
 import structlog
 from aiohttp import web
 
-from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, TARGET_KEY
+from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, RESPONSE_KEY, SENT_KEY, TARGET_KEY
 from mirrorcache.api.services import SERVICES
-from mirrorcache.errors import Handler
+from mirrorcache.errors import Handler, is_client_disconnect
 from mirrorcache.log import redact_query
 
 log = structlog.get_logger("mirrorcache.access")
@@ -27,9 +32,20 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             await resp.prepare(request)
             await resp.write_eof()
         return resp
-    except (ConnectionResetError, OSError) as exc:
-        error = type(exc).__name__
-        raise
+    except Exception as exc:
+        if not is_client_disconnect(request, exc):
+            error = type(exc).__name__
+            raise
+        error = "client_disconnected"
+        log.info("request.client_disconnected", method=request.method, path=request.path[:512],
+                 client=request.remote, error=type(exc).__name__,
+                 bytes=request.get(SENT_KEY, 0))
+        if request.transport is not None:
+            request.transport.abort()  # a response cut short must never be reused
+        if resp is None:
+            resp = request.get(RESPONSE_KEY) or web.Response(status=499)
+        resp.force_close()
+        return resp  # aiohttp finds the connection gone and logs nothing more
     finally:
         if request.path.startswith("/v2"):
             _record(request, resp, start, error)
@@ -39,7 +55,7 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
             error: str | None) -> None:
     target = request.get(TARGET_KEY)
     status = resp.status if resp is not None else 499
-    sent = _body_bytes(request, resp)
+    sent = _body_bytes(request, resp, error)
     cache = request.get(CACHE_KEY, "none")
     kind = request.get(KIND_KEY, "other")
     duration = time.monotonic() - start
@@ -65,10 +81,12 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
     metrics.bytes_served.labels(cache).inc(sent)
 
 
-def _body_bytes(request: web.Request, resp: web.StreamResponse | None) -> int:
-    """Body bytes sent: the declared length when the response completed, else what was written."""
+def _body_bytes(request: web.Request, resp: web.StreamResponse | None,
+                error: str | None) -> int:
+    """Body bytes sent: the declared length when the response completed, else what was
+    really handed to the kernel before it was cut."""
     if resp is None or request.method == "HEAD":
         return 0
-    if resp.content_length is not None and not request.get("mc.aborted"):
+    if error is None and resp.content_length is not None and not request.get("mc.aborted"):
         return resp.content_length
-    return resp.body_length
+    return request.get(SENT_KEY) or resp.body_length

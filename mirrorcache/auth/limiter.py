@@ -11,6 +11,11 @@ class FailedLoginLimiter:
     """After ``limit`` failed logins from one address within ``window`` seconds, that
     address is refused until the oldest failure leaves the window.
 
+    A login attempt is counted *before* its credentials are checked (:meth:`reserve`) and
+    given back when they prove right (:meth:`release`), so concurrent attempts cannot all
+    pass the check before any failure is recorded: at most ``limit`` checks from one
+    address run per window, the rest are refused at once.
+
     Memory is bounded: at most ``max_addresses`` addresses are tracked (least recently
     failing dropped first).
     """
@@ -43,6 +48,23 @@ class FailedLoginLimiter:
         if times is None or len(times) < self.limit:
             return None
         return max(times[0] + self.window - self._clock(), 0.001)
+
+    def reserve(self, address: str) -> float | None:
+        """Count one login attempt from ``address`` as failed until :meth:`release` says
+        otherwise; None if it may go ahead, else the seconds until it may try again (and
+        nothing is counted)."""
+        wait = self.retry_after(address)
+        if wait is None and self.limit > 0:
+            self.failure(address)
+        return wait
+
+    def release(self, address: str) -> None:
+        """The attempt reserved for ``address`` succeeded: give its slot back."""
+        times = self._failures.get(address)
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[address]
 
     def failure(self, address: str) -> None:
         """Record one failed login from ``address``."""

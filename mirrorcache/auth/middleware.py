@@ -5,7 +5,10 @@ With ``auth.enabled`` off every request is anonymous and nothing is checked. Wit
 * wrong or malformed credentials: ``401 UNAUTHORIZED`` with ``WWW-Authenticate: Basic``
   (logged as ``auth.failed`` and counted against the client address);
 * an address over its failed-login budget: ``429 TOOMANYREQUESTS`` with ``Retry-After`` for
-  any request carrying credentials (logged as ``auth.rate_limited``);
+  any request carrying credentials (logged as ``auth.rate_limited``). Each attempt is
+  counted *before* its check and given back when it succeeds, so concurrent wrong
+  passwords cannot all slip through: at most ``max_failed_logins`` are ever checked;
+* too many bcrypt checks queued over all addresses: ``429`` too (``auth.overloaded``);
 * no credentials on the ``/v2/`` ping: ``401`` with the challenge, so ``docker login`` and
   clients that hold credentials learn to send them;
 * no credentials elsewhere: the request goes on as anonymous and the policy decides (an
@@ -20,7 +23,12 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from mirrorcache.auth.authenticator import Authenticator, BadCredentials, parse_authorization
+from mirrorcache.auth.authenticator import (
+    Authenticator,
+    BadCredentials,
+    Overloaded,
+    parse_authorization,
+)
 from mirrorcache.auth.identity import Identity
 from mirrorcache.auth.limiter import FailedLoginLimiter
 from mirrorcache.errors import Handler, OCIError
@@ -69,19 +77,39 @@ async def client_auth_middleware(request: web.Request, handler: Handler) -> web.
     header = request.headers.get("Authorization")
     try:
         creds = parse_authorization(header)
-        if creds is not None:
-            wait = auth.limiter.retry_after(address)
-            if wait is not None:
-                log.warning("auth.rate_limited", client=address, retry_after=round(wait, 1))
-                seconds = max(int(wait + 0.999), 1)
-                raise OCIError("TOOMANYREQUESTS", "too many failed logins from this address; "
-                               f"retry in {seconds}s", headers={"Retry-After": str(seconds)})
-            request[IDENTITY_KEY] = await auth.authenticator.verify(creds)
     except BadCredentials as exc:
         auth.limiter.failure(address)
-        log.warning("auth.failed", client=address, user=(exc.user or "")[:128],
-                    reason=exc.reason, path=request.path[:256])
+        _failed(request, address, exc)
         raise unauthorized(auth.realm, "invalid credentials") from None
+    if creds is not None:
+        wait = auth.limiter.reserve(address)
+        if wait is not None:
+            log.warning("auth.rate_limited", client=address, retry_after=round(wait, 1))
+            raise _too_many(wait, "too many failed logins from this address")
+        try:
+            request[IDENTITY_KEY] = await auth.authenticator.verify(creds)
+        except BadCredentials as exc:
+            _failed(request, address, exc)  # the reserved attempt stays counted
+            raise unauthorized(auth.realm, "invalid credentials") from None
+        except Overloaded as exc:
+            auth.limiter.release(address)
+            log.warning("auth.overloaded", client=address, reason=str(exc))
+            raise _too_many(1.0, "too many logins in progress") from None
+        except BaseException:
+            auth.limiter.release(address)  # cancelled (client gone): not a failed login
+            raise
+        auth.limiter.release(address)
     if request[IDENTITY_KEY] is None and _is_ping(request.path):
         raise unauthorized(auth.realm)
     return await handler(request)
+
+
+def _failed(request: web.Request, address: str, exc: BadCredentials) -> None:
+    log.warning("auth.failed", client=address, user=(exc.user or "")[:128],
+                reason=exc.reason, path=request.path[:256])
+
+
+def _too_many(wait: float, message: str) -> OCIError:
+    seconds = max(int(wait + 0.999), 1)
+    return OCIError("TOOMANYREQUESTS", f"{message}; retry in {seconds}s",
+                    headers={"Retry-After": str(seconds)})

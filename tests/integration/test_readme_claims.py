@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -250,7 +251,9 @@ async def test_readyz_fails_while_storage_is_not_writable(tmp_path: Path,
         shutil.rmtree(tmp)
         tmp.write_text("not a directory")  # unwritable even for root
         status, _, body = await get(f"{mirror.url}/readyz")
-        assert (status, body) == (503, b'{"status": "unavailable"}')
+        doc = json.loads(body)
+        assert (status, doc["status"]) == (503, "degraded")
+        assert doc["reason"].startswith("storage not writable")
         status, _, _ = await get(f"{mirror.url}/healthz")
         assert status == 200  # alive, just not ready
         tmp.unlink()

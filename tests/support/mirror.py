@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from mirrorcache.app import create_app
 from mirrorcache.config import Config, parse_config
+from mirrorcache.connections import GuardedAppRunner
 from mirrorcache.storage.base import BlobStore
 
 
@@ -29,6 +30,13 @@ def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]],
     return data
 
 
+class _Server(TestServer):
+    """The test server with the production runner (connections counted by the app)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GuardedAppRunner:
+        return GuardedAppRunner(self.app, **kwargs)
+
+
 class Mirror:
     """``async with Mirror(raw_config) as m:`` -> a serving mirror at ``m.url`` / ``m.host``."""
 
@@ -36,7 +44,7 @@ class Mirror:
                  store: BlobStore | None = None, **app_kw: Any) -> None:
         self.config: Config = parse_config(raw, environ or {})
         self.app: web.Application = create_app(self.config, store=store, **app_kw)
-        self._server = TestServer(self.app, host="127.0.0.1")
+        self._server = _Server(self.app, host="127.0.0.1")
 
     @property
     def host(self) -> str:

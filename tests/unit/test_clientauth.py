@@ -118,3 +118,77 @@ def test_limiter_sliding_window() -> None:
     lim.failure("c")
     assert len(lim._failures) == 2
     assert FailedLoginLimiter(0, 60).retry_after("x") is None  # 0 disables
+
+
+def test_limiter_reserve_counts_before_the_check() -> None:
+    now = [1000.0]
+    lim = FailedLoginLimiter(3, 60.0, clock=lambda: now[0])
+    assert [lim.reserve("a") for _ in range(5)] == [None, None, None,
+                                                   pytest.approx(60.0), pytest.approx(60.0)]
+    lim.release("a")  # one of the three succeeded: its slot comes back
+    assert lim.reserve("a") is None
+    assert lim.reserve("a") == pytest.approx(60.0)
+    assert FailedLoginLimiter(0, 60).reserve("x") is None  # 0 disables
+
+
+async def test_every_name_costs_exactly_one_bcrypt(authn: Authenticator,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown users, known users and token names cannot be told apart by timing: each
+    wrong login costs one bcrypt check, at the users' cost, in the bcrypt threads."""
+    import threading
+
+    from mirrorcache.auth import authenticator as mod
+
+    calls: list[tuple[bytes, str]] = []
+    real = mod._checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append((hashed[:7], threading.current_thread().name))
+        return real(password, hashed)
+
+    monkeypatch.setattr(mod, "_checkpw", counting)
+    for creds in [Credentials("basic", "mallory", "pw"),        # unknown user
+                  Credentials("basic", "alice", "wrong"),       # known user, wrong password
+                  Credentials("basic", "ci", TOKEN + "x"),      # known token name, wrong token
+                  Credentials("bearer", None, TOKEN[:-1])]:     # unknown bearer token
+        calls.clear()
+        with pytest.raises(BadCredentials):
+            await authn.verify(creds)
+        assert len(calls) == 1, creds
+        assert calls[0][0] == b"$2y$04$" or calls[0][0] == b"$2b$04$"  # same cost as alice
+        assert calls[0][1].startswith("mirrorcache-bcrypt")
+    # A right token costs one check too, then is remembered like a right password.
+    calls.clear()
+    assert (await authn.verify(Credentials("bearer", None, TOKEN))).name == "ci"
+    assert (await authn.verify(Credentials("bearer", None, TOKEN))).name == "ci"
+    assert len(calls) == 1
+    await authn.aclose()
+
+
+async def test_bcrypt_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import threading
+
+    from mirrorcache.auth import authenticator as mod
+
+    gate = threading.Event()
+    monkeypatch.setattr(mod, "_checkpw", lambda p, h: gate.wait(10) and False)
+    authn = Authenticator({"alice": ALICE_HASH}, {}, {}, max_pending=4)
+    tasks = [asyncio.create_task(authn.verify(Credentials("basic", "alice", f"w{i}")))
+             for i in range(6)]
+    await asyncio.wait(tasks, timeout=5, return_when=asyncio.FIRST_EXCEPTION)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, mod.Overloaded) for r in results) == 2
+    assert sum(isinstance(r, BadCredentials) for r in results) == 4
+    await authn.aclose()
+
+
+def test_client_key_groups_ipv6_by_64() -> None:
+    from mirrorcache.connections import client_key
+
+    assert client_key("10.1.2.3") == "10.1.2.3"
+    assert client_key("::ffff:10.1.2.3") == "10.1.2.3"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2::ffff") == \
+        "2001:db8:1:2::/64"
+    assert client_key(None) == "unknown"

@@ -354,3 +354,21 @@ def test_upstream_deadline_pool_and_realm_keys() -> None:
         "upstreams.quay.io.token_realms: expected a host or an http(s) URL, got 'not a host'",
         "upstreams.quay.io.request_timeout: must be more than 0",
     ]
+
+
+def test_limits_section() -> None:
+    ups = {"docker.io": {"url": "https://registry-1.docker.io"}}
+    cfg = parse_config({"upstreams": ups}, {})
+    assert (cfg.limits.max_connections, cfg.limits.max_connections_per_client,
+            cfg.limits.send_timeout) == (4096, 512, 60.0)
+    cfg = parse_config({"upstreams": ups, "limits": {"max_connections": 0,
+                                                    "max_connections_per_client": 8,
+                                                    "send_timeout": "2m"}}, {})
+    assert (cfg.limits.max_connections, cfg.limits.max_connections_per_client,
+            cfg.limits.send_timeout) == (0, 8, 120.0)
+    assert _problems({"upstreams": ups, "limits": {"max_connections": -1, "send_timeout": 0.5,
+                                                   "nope": 1}}) == [
+        "limits.max_connections: must be between 0 and 1000000",
+        "limits.send_timeout: must be at least 1s (or 0 to disable)",
+        "limits.nope: unknown key",
+    ]
