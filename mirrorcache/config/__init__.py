@@ -8,7 +8,6 @@ credential reading. YAML file reading and ``ConfigError`` live below this packag
 
 from mirrorcache.config._section import parse_duration
 from mirrorcache.config.load import (
-    DOCKER_HUB_ALIASES,
     load_config,
     parse_config,
     parse_listen,
@@ -26,7 +25,6 @@ from mirrorcache.config.model import (
 from mirrorcache.yamlfile import ConfigError, read_yaml_file
 
 __all__ = [
-    "DOCKER_HUB_ALIASES",
     "AuthConfig",
     "Config",
     "ConfigError",

@@ -26,9 +26,8 @@ from mirrorcache.config.model import (
 )
 from mirrorcache.config.secrets import read_credentials, read_secret
 from mirrorcache.policy import Policy, load_policy_file, parse_policy
+from mirrorcache.upstream.dockerhub import DOCKER_HUB_ALIASES
 from mirrorcache.yamlfile import ConfigError, read_yaml_file
-
-DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirrorcache.policy import Policy
+from mirrorcache.upstream.dockerhub import is_docker_hub
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class UpstreamConfig:
 
     @property
     def is_docker_hub(self) -> bool:
-        return self.name == "docker.io"
+        return is_docker_hub(self.name)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mirrorcache.upstream.auth import (
     pull_scope,
 )
 from mirrorcache.upstream.breaker import CircuitBreaker, Rejection
+from mirrorcache.upstream.dockerhub import parse_ratelimit
 
 log = structlog.get_logger("mirrorcache.upstream")
 
@@ -220,17 +221,11 @@ class UpstreamClient:
         return resp
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
-        remaining = resp.headers.get("ratelimit-remaining")
-        if remaining is not None:
-            self.ratelimit = {
-                "limit": resp.headers.get("ratelimit-limit", ""),
-                "remaining": remaining,
-            }
-            try:
-                self._metrics.ratelimit_remaining.labels(self.name).set(
-                    float(remaining.split(";", 1)[0]))
-            except ValueError:
-                pass
+        rate = parse_ratelimit(resp.headers)
+        if rate is not None:
+            self.ratelimit = {"limit": rate.limit, "remaining": rate.remaining}
+            if rate.remaining_count is not None:
+                self._metrics.ratelimit_remaining.labels(self.name).set(rate.remaining_count)
 
     @asynccontextmanager
     async def open(
