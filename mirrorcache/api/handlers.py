@@ -15,6 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorcache.api.access import enforce_policy
+from mirrorcache.api.keys import ABORTED_KEY, CACHE_KEY, KIND_KEY, TARGET_KEY
 from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import OCIError
@@ -27,10 +28,6 @@ log = structlog.get_logger("mirrorcache.api")
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
-
-TARGET_KEY = "mc.target"
-CACHE_KEY = "mc.cache"
-KIND_KEY = "mc.kind"
 
 
 async def v2(request: web.Request) -> web.StreamResponse:
@@ -255,7 +252,7 @@ async def _send_chunks(request: web.Request, resp: web.StreamResponse,
 def _abort(request: web.Request, exc: OCIError) -> None:
     """The status line is gone: the only honest signal left is a cut connection."""
     log.warning("request.aborted", path=request.path, error=exc.code, message=exc.message)
-    request["mc.aborted"] = True
+    request[ABORTED_KEY] = True
     if request.transport is not None:
         request.transport.abort()
 

@@ -7,7 +7,7 @@ import time
 import structlog
 from aiohttp import web
 
-from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, TARGET_KEY
+from mirrorcache.api.keys import ABORTED_KEY, CACHE_KEY, KIND_KEY, TARGET_KEY
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import Handler
 from mirrorcache.log import redact_query
@@ -56,7 +56,7 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
         "cache": cache,
         "client": request.remote,
     }
-    if error or request.get("mc.aborted"):
+    if error or request.get(ABORTED_KEY):
         fields["error"] = error or "aborted"
     log.info("request.finished", **fields)
     metrics = request.app[SERVICES].metrics
@@ -69,6 +69,6 @@ def _body_bytes(request: web.Request, resp: web.StreamResponse | None) -> int:
     """Body bytes sent: the declared length when the response completed, else what was written."""
     if resp is None or request.method == "HEAD":
         return 0
-    if resp.content_length is not None and not request.get("mc.aborted"):
+    if resp.content_length is not None and not request.get(ABORTED_KEY):
         return resp.content_length
     return resp.body_length

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from mirrorcache.api.keys import IDENTITY_KEY
 from mirrorcache.auth.authenticator import Authenticator, BadCredentials, parse_authorization
 from mirrorcache.auth.identity import Identity
 from mirrorcache.auth.limiter import FailedLoginLimiter
 from mirrorcache.errors import Handler, OCIError
 
 log = structlog.get_logger("mirrorcache.auth")
-
-IDENTITY_KEY = "mc.identity"
 
 
 @dataclass(frozen=True)
