@@ -38,7 +38,6 @@ from mirrorcache.upstream.client import UpstreamClient
 
 log = structlog.get_logger("mirrorcache.app")
 
-CONFIG = web.AppKey("config", Config)
 USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
 
 
@@ -70,7 +69,6 @@ def create_app(config: Config, *, clean_temp: bool = True,
         handler_args={"max_line_size": 8190, "max_field_size": 8190,
                       "logger": ProtocolLogger()},
     )
-    app[CONFIG] = config
     app[CLIENT_AUTH] = ClientAuth(
         enabled=config.auth.enabled, realm=config.auth.realm,
         authenticator=Authenticator(config.auth.users, config.auth.tokens, config.auth.groups),

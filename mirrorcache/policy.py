@@ -53,10 +53,6 @@ class Rule:
         object.__setattr__(self, "_tag_re", tag_re)
 
     @property
-    def has_tag(self) -> bool:
-        return self._tag_re is not None
-
-    @property
     def text(self) -> str:
         """``rules[2] (deny quay.io/team-b/** groups=team-b)``: how logs and 403s name it."""
         who = []

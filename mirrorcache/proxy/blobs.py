@@ -125,7 +125,6 @@ class InflightBlob:
     """A blob being fetched: ``download.available()`` says how far its spool may be sent."""
 
     download: Download
-    joined: bool
     cache: str = "miss"
 
 
@@ -223,7 +222,6 @@ class BlobService:
         if self._clock() < self._bypass_until:
             return await self._passthrough(target, digest, range_header)
         dl = self._downloads.get(digest)
-        joined = dl is not None
         if dl is None:
             dl = self._start(target, digest)
         else:
@@ -239,7 +237,7 @@ class BlobService:
             if dl.error is not None:
                 raise dl.error
             return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
-        return InflightBlob(dl, joined)
+        return InflightBlob(dl)
 
     def _start(self, target: Target, digest: Digest) -> Download:
         dl = Download(target, digest)
