@@ -24,7 +24,7 @@ from mirrorcache.api.keys import IDENTITY_KEY
 from mirrorcache.auth.authenticator import Authenticator, BadCredentials, parse_authorization
 from mirrorcache.auth.identity import Identity
 from mirrorcache.auth.limiter import FailedLoginLimiter
-from mirrorcache.errors import Handler, OCIError
+from mirrorcache.errors import ErrorCode, Handler, OCIError
 
 log = structlog.get_logger("mirrorcache.auth")
 
@@ -44,7 +44,7 @@ CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
 
 def unauthorized(realm: str, message: str = "authentication required") -> OCIError:
     """The 401 every client understands as "send your credentials"."""
-    return OCIError("UNAUTHORIZED", message,
+    return OCIError(ErrorCode.UNAUTHORIZED, message,
                     headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'})
 
 
@@ -73,7 +73,8 @@ async def client_auth_middleware(request: web.Request, handler: Handler) -> web.
             if wait is not None:
                 log.warning("auth.rate_limited", client=address, retry_after=round(wait, 1))
                 seconds = max(int(wait + 0.999), 1)
-                raise OCIError("TOOMANYREQUESTS", "too many failed logins from this address; "
+                raise OCIError(ErrorCode.TOOMANYREQUESTS,
+                               "too many failed logins from this address; "
                                f"retry in {seconds}s", headers={"Retry-After": str(seconds)})
             request[IDENTITY_KEY] = await auth.authenticator.verify(creds)
     except BadCredentials as exc:

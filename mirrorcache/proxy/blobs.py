@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
@@ -92,7 +92,7 @@ class Download:
                 return open(path, "rb", buffering=0)  # the caller closes it
             except FileNotFoundError:
                 continue
-        raise DownloadFailed("BLOB_UNKNOWN", "in-flight blob vanished", status=500)
+        raise DownloadFailed(ErrorCode.BLOB_UNKNOWN, "in-flight blob vanished", status=500)
 
     async def available(self, pos: int, stop: int) -> int:
         """Wait until bytes past ``pos`` (up to ``stop``) may be sent; return how far.
@@ -106,7 +106,7 @@ class Download:
             if pos < limit or (self.done and pos >= stop):
                 return limit
             if self.done:
-                raise DownloadFailed("UNKNOWN", "in-flight blob shorter than announced")
+                raise DownloadFailed(ErrorCode.UNKNOWN, "in-flight blob shorter than announced")
             await changed.wait()
 
 
@@ -185,7 +185,7 @@ class BlobService:
             # Stored for another repository: upstream must confirm this one holds it too.
             remote = await self._head_upstream(target, digest)
             if remote.size is not None and remote.size != info.size:
-                raise OCIError("BLOB_UNKNOWN", "upstream size differs from cached blob")
+                raise OCIError(ErrorCode.BLOB_UNKNOWN, "upstream size differs from cached blob")
             await self._meta.link(target.upstream, target.repository, digest)
         await self._meta.touch(digest)
         return CachedBlob(digest, info.size, self._store.local_path(digest))
@@ -198,7 +198,7 @@ class BlobService:
         if dl is not None and dl.size is not None:
             return RemoteBlobInfo(digest, dl.size, "miss")
         if self._configs[target.upstream].offline:
-            raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         return await self._head_upstream(target, digest)
 
@@ -207,7 +207,7 @@ class BlobService:
         async with client.open("HEAD", f"/v2/{target.repository}/blobs/{digest}",
                                target.repository) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "BLOB_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
             return RemoteBlobInfo(digest, resp.content_length)
 
     async def open(self, target: Target, digest: Digest,
@@ -217,7 +217,7 @@ class BlobService:
         if cached is not None:
             return cached
         if self._configs[target.upstream].offline:
-            raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         if self._clock() < self._bypass_until:
             return await self._passthrough(target, digest, range_header)
@@ -275,10 +275,10 @@ class BlobService:
                         repository=dl.target.repository, digest=str(digest), error=exc.code,
                         message=exc.message, bytes=dl.written)
         except asyncio.CancelledError:
-            dl.error = OCIError("UNAVAILABLE", "mirror shutting down", status=503)
+            dl.error = OCIError(ErrorCode.UNAVAILABLE, "mirror shutting down", status=503)
             raise
         except Exception as exc:
-            dl.error = OCIError("UNKNOWN", "blob fetch failed", status=500)
+            dl.error = OCIError(ErrorCode.UNKNOWN, "blob fetch failed", status=500)
             log.exception("blob.fetch_crashed", digest=str(digest), error=type(exc).__name__)
         finally:
             if self._downloads.get(digest) is dl:
@@ -310,13 +310,13 @@ class BlobService:
                 if await self._store.stat(dl.digest) is not None:
                     continue
                 if peer.error is not None:
-                    raise OCIError(str(peer.error.get("code", "UNKNOWN")),
+                    raise OCIError(ErrorCode.from_wire(peer.error.get("code")),
                                    str(peer.error.get("message", "peer fetch failed")),
                                    status=int(peer.error.get("status", 502)))
                 if dl.written == 0:
                     log.warning("blob.peer_vanished", digest=str(dl.digest))
                     return True
-                raise OCIError("UNAVAILABLE", "peer fetch died mid-stream", status=503)
+                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch died mid-stream", status=503)
             if peer.path is not None and dl.path is None:
                 dl.path, dl.size = peer.path, peer.size
                 dl.started.set()
@@ -330,7 +330,7 @@ class BlobService:
                     last_progress = loop.time()
                     dl.notify()
             if loop.time() - last_progress > idle_limit:
-                raise OCIError("UNAVAILABLE", "peer fetch made no progress", status=503)
+                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch made no progress", status=503)
             await asyncio.sleep(PEER_POLL)
 
     async def _download(self, dl: Download, claim: InflightClaim) -> None:
@@ -351,7 +351,7 @@ class BlobService:
                 path = f"/v2/{target.repository}/blobs/{digest}"
                 async with client.open("GET", path, target.repository) as resp:
                     if resp.status != 200:
-                        raise await relay_error(resp, "BLOB_UNKNOWN")
+                        raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
                     dl.size = resp.content_length
                     claim.publish(w.local_path, dl.size)
                     dl.started.set()
@@ -381,7 +381,8 @@ class BlobService:
                     log.error("blob.digest_mismatch", upstream=target.upstream,
                               repository=target.repository, expected=str(digest),
                               actual=exc.actual, size=exc.size)
-                    raise OCIError("DIGEST_INVALID", f"upstream content does not match {digest}",
+                    raise OCIError(ErrorCode.DIGEST_INVALID,
+                                   f"upstream content does not match {digest}",
                                    status=502) from None
             except StorageError as exc:
                 self._storage_failed(exc)
@@ -415,7 +416,7 @@ class BlobService:
         resp = await cm.__aenter__()
         if resp.status not in (200, 206):
             try:
-                raise await relay_error(resp, "BLOB_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
             finally:
                 await cm.__aexit__(None, None, None)
 
@@ -424,7 +425,7 @@ class BlobService:
                 async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise DownloadFailed("UNAVAILABLE", f"upstream body broke: "
+                raise DownloadFailed(ErrorCode.UNAVAILABLE, f"upstream body broke: "
                                      f"{type(exc).__name__}", status=503) from None
             finally:
                 await cm.__aexit__(None, None, None)
@@ -464,4 +465,4 @@ def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
 
 class _StorageFailed(OCIError):
     def __init__(self) -> None:
-        super().__init__("UNAVAILABLE", "storage failed", status=503)
+        super().__init__(ErrorCode.UNAVAILABLE, "storage failed", status=503)

@@ -12,7 +12,7 @@ from cachetools import LRUCache
 
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci import media
 from mirrorcache.oci.digest import digest_of
@@ -121,7 +121,7 @@ class ManifestService:
             await self._meta.link(target.upstream, target.repository, digest)
             return stored
         if cfg.offline:
-            raise OCIError("MANIFEST_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         if head:
             return await self._head_upstream(target, str(digest), accept)
@@ -148,7 +148,7 @@ class ManifestService:
                         self._revalidate_in_background(target, tag)
                     return hit
         if cfg.offline:
-            raise OCIError("MANIFEST_UNKNOWN", f"tag {tag} is not cached and upstream "
+            raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"tag {tag} is not cached and upstream "
                            f"{target.upstream} is offline")
         if rec is not None and not media.accepts(accept, rec.media_type):
             # An old client that cannot take what the tag canonically is: relay its own view.
@@ -196,7 +196,7 @@ class ManifestService:
         async with client.open("HEAD", path, target.repository,
                                {"Accept": media.DEFAULT_ACCEPT}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             header = resp.headers.get("Docker-Content-Digest")
         new_digest: Digest | None = None
         if header:
@@ -233,9 +233,10 @@ class ManifestService:
         path = f"/v2/{target.repository}/manifests/{reference}"
         async with client.open("GET", path, target.repository, {"Accept": accept}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             if (resp.content_length or 0) > media.MAX_MANIFEST_BYTES:
-                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
+                raise OCIError(ErrorCode.MANIFEST_INVALID,
+                               "upstream manifest too large", status=502)
             try:
                 body = await resp.content.read(media.MAX_MANIFEST_BYTES + 1)
                 while len(body) <= media.MAX_MANIFEST_BYTES and not resp.content.at_eof():
@@ -246,7 +247,8 @@ class ManifestService:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
             if len(body) > media.MAX_MANIFEST_BYTES:
-                raise OCIError("MANIFEST_INVALID", "upstream manifest too large", status=502)
+                raise OCIError(ErrorCode.MANIFEST_INVALID,
+                               "upstream manifest too large", status=502)
             header = resp.headers.get("Docker-Content-Digest")
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         want = expect or (Digest.parse(header) if header else None)
@@ -254,7 +256,7 @@ class ManifestService:
         if want is not None and actual != want:
             log.error("manifest.digest_mismatch", upstream=target.upstream,
                       repository=target.repository, expected=str(want), actual=str(actual))
-            raise OCIError("DIGEST_INVALID", f"upstream manifest does not match {want}",
+            raise OCIError(ErrorCode.DIGEST_INVALID, f"upstream manifest does not match {want}",
                            status=502)
         media_type = content_type if content_type.startswith("application/vnd.") else (
             media.sniff_media_type(body))
@@ -268,7 +270,7 @@ class ManifestService:
         async with client.open("HEAD", path, target.repository,
                                {"Accept": accept or media.DEFAULT_ACCEPT}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             digest = Digest.parse(resp.headers.get("Docker-Content-Digest", reference))
             mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
             return ManifestResult(digest, mt, resp.content_length or 0, None, "relay")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import validate_name
 from mirrorcache.upstream.dockerhub import canonical_host, canonical_repository
 
@@ -49,10 +49,11 @@ class Router:
 
     def _known(self, host: str, how: str) -> str:
         if len(host) > 255 or not _HOST_RE.fullmatch(host):
-            raise OCIError("NAME_INVALID", f"invalid registry host in {how}: {host[:80]!r}")
+            raise OCIError(ErrorCode.NAME_INVALID, f"invalid registry host in {how}: {host[:80]!r}")
         canonical = canonical_host(host)
         if canonical not in self._upstreams:
-            raise OCIError("NAME_UNKNOWN", f"upstream registry {canonical!r} is not configured "
+            raise OCIError(ErrorCode.NAME_UNKNOWN,
+                           f"upstream registry {canonical!r} is not configured "
                            "on this mirror", status=404)
         return canonical
 
@@ -70,7 +71,8 @@ class Router:
             elif self._default is not None:
                 upstream, repository, form = self._default, name, "default"
             else:
-                raise OCIError("NAME_UNKNOWN", "no upstream named in the path or ns, and no "
+                raise OCIError(ErrorCode.NAME_UNKNOWN,
+                               "no upstream named in the path or ns, and no "
                                "default_upstream configured", status=404)
         validate_name(repository)
         return Target(upstream, canonical_repository(upstream, repository), form)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from mirrorcache.errors import OCIError, error_from_upstream
+from mirrorcache.errors import ErrorCode, OCIError, error_from_upstream
 from mirrorcache.upstream.client import UpstreamClient
 
 MAX_ERROR_BODY = 16 * 1024
@@ -22,7 +22,7 @@ class Upstreams:
         return self._clients[name]
 
 
-async def relay_error(resp: aiohttp.ClientResponse, default_code: str) -> OCIError:
+async def relay_error(resp: aiohttp.ClientResponse, default_code: ErrorCode) -> OCIError:
     """Turn an upstream error response into an OCIError (reads at most a small body)."""
     try:
         body = await resp.content.read(MAX_ERROR_BODY)

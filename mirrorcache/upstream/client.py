@@ -26,7 +26,7 @@ from tenacity import (
 from yarl import URL
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.upstream.auth import (
     Challenge,
@@ -58,7 +58,8 @@ class UpstreamUnavailable(OCIError):
     """The upstream could not be reached or timed out."""
 
     def __init__(self, upstream: str, reason: str) -> None:
-        super().__init__("UNAVAILABLE", f"upstream {upstream} unavailable: {reason}", status=503)
+        super().__init__(ErrorCode.UNAVAILABLE,
+                         f"upstream {upstream} unavailable: {reason}", status=503)
 
 
 class UpstreamRejected(OCIError):
@@ -67,11 +68,13 @@ class UpstreamRejected(OCIError):
     def __init__(self, upstream: str, rejection: Rejection) -> None:
         wait = max(int(rejection.retry_after + 0.999), 1)
         if rejection.rate_limited:
-            super().__init__("TOOMANYREQUESTS", f"upstream {upstream} is rate-limiting this "
+            super().__init__(ErrorCode.TOOMANYREQUESTS,
+                             f"upstream {upstream} is rate-limiting this "
                              f"mirror; retry in {wait}s", status=429,
                              headers={"Retry-After": str(wait)})
         else:
-            super().__init__("UNAVAILABLE", f"upstream {upstream} is failing; not calling it for "
+            super().__init__(ErrorCode.UNAVAILABLE,
+                             f"upstream {upstream} is failing; not calling it for "
                              f"{wait}s", status=503, headers={"Retry-After": str(wait)})
 
 
@@ -134,7 +137,8 @@ class UpstreamClient:
                                                     self._ssl, self._timeout)
             except TokenError as exc:
                 if exc.status in (401, 403):
-                    raise OCIError("UNAUTHORIZED" if exc.status == 401 else "DENIED",
+                    raise OCIError(ErrorCode.UNAUTHORIZED if exc.status == 401
+                                   else ErrorCode.DENIED,
                                    f"upstream {self.name} refused credentials for {scope}",
                                    status=exc.status) from None
                 raise UpstreamUnavailable(self.name, str(exc)) from None
@@ -284,10 +288,11 @@ class UpstreamClient:
                                                                                       "HEAD"):
             hops += 1
             if hops > MAX_REDIRECTS:
-                raise OCIError("UNKNOWN", f"upstream {self.name}: too many redirects", status=502)
+                raise OCIError(ErrorCode.UNKNOWN,
+                               f"upstream {self.name}: too many redirects", status=502)
             url = urljoin(url, resp.headers["Location"])
             if urlsplit(url).scheme not in ("http", "https"):
-                raise OCIError("UNKNOWN", f"upstream {self.name}: bad redirect", status=502)
+                raise OCIError(ErrorCode.UNKNOWN, f"upstream {self.name}: bad redirect", status=502)
             resp.release()
             if _origin(url) != origin:
                 # Another origin (object storage, or a downgrade to http) gets no credentials.
