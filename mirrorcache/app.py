@@ -40,7 +40,6 @@ from mirrorcache.upstream.client import UpstreamClient
 
 log = structlog.get_logger("mirrorcache.app")
 
-CONFIG = web.AppKey("config", Config)
 USER_AGENT = "mirrorcache/0.1 (+pull-through registry mirror)"
 
 
@@ -83,7 +82,6 @@ def create_app(config: Config, *, clean_temp: bool = True,
         handler_args={"max_line_size": 8190, "max_field_size": 8190,
                       "logger": ProtocolLogger()},
     )
-    app[CONFIG] = config
     app[CONNECTIONS] = ConnectionGuard(config.limits.max_connections,
                                        config.limits.max_connections_per_client,
                                        config.limits.send_timeout)

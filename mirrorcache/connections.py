@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mirrorcache.errors import Handler, OCIError, error_response
+from mirrorcache.errors import ErrorCode, Handler, OCIError, error_response
 
 log = structlog.get_logger("mirrorcache.connections")
 
@@ -133,7 +133,7 @@ async def connection_limit_middleware(request: web.Request, handler: Handler
         resp = await handler(request)
     else:
         resp = error_response(OCIError(
-            "TOOMANYREQUESTS", "too many connections from this address or in total; retry "
+            ErrorCode.TOOMANYREQUESTS, "too many connections from this address or in total; retry "
             f"in {RETRY_AFTER}s", status=503, headers={"Retry-After": str(RETRY_AFTER)}),
             head=request.method == "HEAD")
     resp.force_close()

@@ -10,6 +10,7 @@ import errno
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -19,48 +20,81 @@ from aiohttp import web
 log = structlog.get_logger("mirrorcache.errors")
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorCode:
-    """An error code from the distribution spec, with its default message and HTTP status."""
+class ErrorCode(StrEnum):
+    """Every error code we send (the distribution spec's): a typo is a type error."""
 
-    code: str
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
+    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
+    DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    NAME_INVALID = "NAME_INVALID"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    SIZE_INVALID = "SIZE_INVALID"
+    TAG_INVALID = "TAG_INVALID"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    DENIED = "DENIED"
+    UNSUPPORTED = "UNSUPPORTED"
+    TOOMANYREQUESTS = "TOOMANYREQUESTS"
+    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
+    RANGE_INVALID = "RANGE_INVALID"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def from_wire(cls, value: object) -> ErrorCode:
+        """A code read back from elsewhere (another worker's claim file): ours, or UNKNOWN."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    """An error code's default message and HTTP status."""
+
+    code: ErrorCode
     message: str
     status: int
 
 
 _CODES = [
-    ErrorCode("BLOB_UNKNOWN", "blob unknown to registry", 404),
-    ErrorCode("BLOB_UPLOAD_INVALID", "blob upload invalid", 400),
-    ErrorCode("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry", 404),
-    ErrorCode("DIGEST_INVALID", "provided digest did not match uploaded content", 400),
-    ErrorCode("MANIFEST_BLOB_UNKNOWN", "manifest references a manifest or blob unknown", 404),
-    ErrorCode("MANIFEST_INVALID", "manifest invalid", 400),
-    ErrorCode("MANIFEST_UNKNOWN", "manifest unknown to registry", 404),
-    ErrorCode("NAME_INVALID", "invalid repository name", 400),
-    ErrorCode("NAME_UNKNOWN", "repository name not known to registry", 404),
-    ErrorCode("SIZE_INVALID", "provided length did not match content length", 400),
-    ErrorCode("TAG_INVALID", "manifest tag did not match URI", 400),
-    ErrorCode("UNAUTHORIZED", "authentication required", 401),
-    ErrorCode("DENIED", "requested access to the resource is denied", 403),
-    ErrorCode("UNSUPPORTED", "the operation is unsupported", 405),
-    ErrorCode("TOOMANYREQUESTS", "too many requests", 429),
-    ErrorCode("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400),
-    ErrorCode("RANGE_INVALID", "invalid content range", 416),
-    ErrorCode("UNAVAILABLE", "service unavailable", 503),
-    ErrorCode("UNKNOWN", "unknown error", 500),
+    ErrorSpec(ErrorCode.BLOB_UNKNOWN, "blob unknown to registry", 404),
+    ErrorSpec(ErrorCode.BLOB_UPLOAD_INVALID, "blob upload invalid", 400),
+    ErrorSpec(ErrorCode.BLOB_UPLOAD_UNKNOWN, "blob upload unknown to registry", 404),
+    ErrorSpec(ErrorCode.DIGEST_INVALID, "provided digest did not match uploaded content", 400),
+    ErrorSpec(ErrorCode.MANIFEST_BLOB_UNKNOWN, "manifest references a manifest or blob unknown",
+              404),
+    ErrorSpec(ErrorCode.MANIFEST_INVALID, "manifest invalid", 400),
+    ErrorSpec(ErrorCode.MANIFEST_UNKNOWN, "manifest unknown to registry", 404),
+    ErrorSpec(ErrorCode.NAME_INVALID, "invalid repository name", 400),
+    ErrorSpec(ErrorCode.NAME_UNKNOWN, "repository name not known to registry", 404),
+    ErrorSpec(ErrorCode.SIZE_INVALID, "provided length did not match content length", 400),
+    ErrorSpec(ErrorCode.TAG_INVALID, "manifest tag did not match URI", 400),
+    ErrorSpec(ErrorCode.UNAUTHORIZED, "authentication required", 401),
+    ErrorSpec(ErrorCode.DENIED, "requested access to the resource is denied", 403),
+    ErrorSpec(ErrorCode.UNSUPPORTED, "the operation is unsupported", 405),
+    ErrorSpec(ErrorCode.TOOMANYREQUESTS, "too many requests", 429),
+    ErrorSpec(ErrorCode.PAGINATION_NUMBER_INVALID, "invalid number of results requested", 400),
+    ErrorSpec(ErrorCode.RANGE_INVALID, "invalid content range", 416),
+    ErrorSpec(ErrorCode.UNAVAILABLE, "service unavailable", 503),
+    ErrorSpec(ErrorCode.UNKNOWN, "unknown error", 500),
 ]
-CODES: Mapping[str, ErrorCode] = {c.code: c for c in _CODES}
+CODES: Mapping[ErrorCode, ErrorSpec] = {c.code: c for c in _CODES}
 
 #: Fallback code for an upstream status whose body carried no OCI error.
-_STATUS_CODES = {
-    400: "UNKNOWN",
-    401: "UNAUTHORIZED",
-    403: "DENIED",
-    404: "NAME_UNKNOWN",
-    405: "UNSUPPORTED",
-    416: "RANGE_INVALID",
-    429: "TOOMANYREQUESTS",
-    503: "UNAVAILABLE",
+_STATUS_CODES: Mapping[int, ErrorCode] = {
+    400: ErrorCode.UNKNOWN,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.DENIED,
+    404: ErrorCode.NAME_UNKNOWN,
+    405: ErrorCode.UNSUPPORTED,
+    416: ErrorCode.RANGE_INVALID,
+    429: ErrorCode.TOOMANYREQUESTS,
+    503: ErrorCode.UNAVAILABLE,
 }
 
 
@@ -69,15 +103,16 @@ class OCIError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode,
         message: str | None = None,
         *,
         status: int | None = None,
         detail: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        entry = CODES.get(code, CODES["UNKNOWN"])
-        self.code = code if code in CODES else "UNKNOWN"
+        # A code that is not ours (only possible around the type checker) is UNKNOWN.
+        self.code = ErrorCode.from_wire(code)
+        entry = CODES[self.code]
         self.message = message or entry.message
         self.status = status or entry.status
         self.detail = detail
@@ -104,19 +139,19 @@ def error_response(err: OCIError, *, head: bool = False) -> web.Response:
     )
 
 
-def error_from_upstream(status: int, body: bytes, default_code: str) -> OCIError:
+def error_from_upstream(status: int, body: bytes, default_code: ErrorCode) -> OCIError:
     """Relay an upstream error as an OCIError, whether or not its body was OCI JSON.
 
     The relayed message is the upstream's own (truncated); nothing of our request, such as
     credentials, is echoed.
     """
-    code = default_code if status == 404 else _STATUS_CODES.get(status, "UNKNOWN")
+    code = default_code if status == 404 else _STATUS_CODES.get(status, ErrorCode.UNKNOWN)
     message: str | None = None
     try:
         doc = json.loads(body)
         first = doc["errors"][0]
         if isinstance(first.get("code"), str) and first["code"] in CODES:
-            code = first["code"]
+            code = ErrorCode(first["code"])
         if isinstance(first.get("message"), str):
             message = first["message"][:500]
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
@@ -124,7 +159,7 @@ def error_from_upstream(status: int, body: bytes, default_code: str) -> OCIError
         message = f"upstream answered {status}" + (f": {text}" if text else "")
     if status >= 500 and status != 503:
         # An upstream 5xx is our 502: the mirror itself is fine.
-        return OCIError("UNKNOWN", message or f"upstream answered {status}", status=502)
+        return OCIError(ErrorCode.UNKNOWN, message or f"upstream answered {status}", status=502)
     return OCIError(code, message, status=status if status in (401, 403, 404, 429) else None)
 
 
@@ -155,17 +190,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except OCIError as err:
         return error_response(err, head=head)
     except web.HTTPMethodNotAllowed:
-        return error_response(OCIError("UNSUPPORTED", f"method {request.method} not supported"),
-                              head=head)
+        return error_response(OCIError(ErrorCode.UNSUPPORTED,
+                                       f"method {request.method} not supported"), head=head)
     except web.HTTPNotFound:
-        return error_response(OCIError("NAME_UNKNOWN", "no such endpoint", status=404), head=head)
+        return error_response(OCIError(ErrorCode.NAME_UNKNOWN, "no such endpoint", status=404),
+                              head=head)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _STATUS_CODES.get(exc.status, "UNKNOWN")
+        code = _STATUS_CODES.get(exc.status, ErrorCode.UNKNOWN)
         return error_response(OCIError(code, exc.reason, status=exc.status), head=head)
     except Exception as exc:
         if is_client_disconnect(request, exc):
             raise  # not an error of ours: the access log records it, once
         log.exception("request.unhandled_error", method=request.method, path=request.path)
-        return error_response(OCIError("UNKNOWN", "internal error"), head=head)
+        return error_response(OCIError(ErrorCode.UNKNOWN, "internal error"), head=head)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mirrorcache.yamlfile import ConfigError, read_yaml_file
+
 if TYPE_CHECKING:
     from mirrorcache.auth.identity import Identity
 
@@ -49,10 +51,6 @@ class Rule:
         name_re, tag_re = compile_pattern(self.pattern)
         object.__setattr__(self, "_name_re", name_re)
         object.__setattr__(self, "_tag_re", tag_re)
-
-    @property
-    def has_tag(self) -> bool:
-        return self._tag_re is not None
 
     @property
     def text(self) -> str:
@@ -247,8 +245,6 @@ def parse_policy(data: object, path_prefix: str, problems: list[str],
 
 def load_policy_file(path: str | Path) -> Policy:
     """Read a policy file (YAML ``{default?, rules}``); raise ConfigError listing problems."""
-    from mirrorcache.config import ConfigError, read_yaml_file  # config imports this module
-
     data = read_yaml_file(path)
     problems: list[str] = []
     if not isinstance(data, Mapping) or "rules" not in data:

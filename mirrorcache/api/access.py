@@ -7,7 +7,7 @@ from aiohttp import web
 
 from mirrorcache.api.services import SERVICES
 from mirrorcache.auth.middleware import CLIENT_AUTH, request_identity, unauthorized
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.policy_reload import PolicyHolder
 from mirrorcache.proxy.routing import Target
 
@@ -42,4 +42,4 @@ def enforce_policy(request: web.Request, target: Target, tag: str | None) -> Non
         message = f"pulling {what} is denied by policy {decision.rule_text}"
     else:
         message = f"{what} is not on the allowlist"
-    raise OCIError("DENIED", message)
+    raise OCIError(ErrorCode.DENIED, message)

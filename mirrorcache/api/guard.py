@@ -15,34 +15,36 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirrorcache.errors import Handler, OCIError
+from mirrorcache.errors import ErrorCode, Handler, OCIError
 
 #: Methods of the distribution API (writes are refused later, with 405, by the /v2 handler).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 MAX_HEADER_BYTES = 32 * 1024
 _SINGLE_PARAMS = {
-    "ns": "NAME_INVALID",
-    "n": "PAGINATION_NUMBER_INVALID",
-    "last": "PAGINATION_NUMBER_INVALID",
-    "artifactType": "UNSUPPORTED",
+    "ns": ErrorCode.NAME_INVALID,
+    "n": ErrorCode.PAGINATION_NUMBER_INVALID,
+    "last": ErrorCode.PAGINATION_NUMBER_INVALID,
+    "artifactType": ErrorCode.UNSUPPORTED,
 }
 
 
 @web.middleware
 async def request_guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method not in KNOWN_METHODS:
-        raise OCIError("UNSUPPORTED", f"method {request.method[:16]} is not supported",
+        raise OCIError(ErrorCode.UNSUPPORTED, f"method {request.method[:16]} is not supported",
                        headers={"Allow": "GET, HEAD"})
     raw = request.raw_path
     if not raw.startswith("/") or raw.startswith("//"):
-        raise OCIError("UNSUPPORTED", "only origin-form request targets (/v2/...) are accepted: "
+        raise OCIError(ErrorCode.UNSUPPORTED,
+                       "only origin-form request targets (/v2/...) are accepted: "
                        "this mirror is not a forward proxy", status=400)
     if _has_control(request.path):
-        raise OCIError("NAME_INVALID", "control characters (CR, LF, NUL, ...) in the request "
+        raise OCIError(ErrorCode.NAME_INVALID,
+                       "control characters (CR, LF, NUL, ...) in the request "
                        "path", status=400)
     size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
     if size > MAX_HEADER_BYTES:
-        raise OCIError("UNSUPPORTED", f"request headers over {MAX_HEADER_BYTES} bytes",
+        raise OCIError(ErrorCode.UNSUPPORTED, f"request headers over {MAX_HEADER_BYTES} bytes",
                        status=431)
     for name, code in _SINGLE_PARAMS.items():
         if len(request.query.getall(name, ())) > 1:

@@ -15,9 +15,17 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorcache.api.access import enforce_policy
+from mirrorcache.api.keys import (
+    ABORTED_KEY,
+    CACHE_KEY,
+    KIND_KEY,
+    RESPONSE_KEY,
+    SENT_KEY,
+    TARGET_KEY,
+)
 from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
 from mirrorcache.api.services import SERVICES
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
 from mirrorcache.proxy.blobs import (
     CachedBlob,
@@ -34,15 +42,6 @@ log = structlog.get_logger("mirrorcache.api")
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
 
-TARGET_KEY = "mc.target"
-CACHE_KEY = "mc.cache"
-KIND_KEY = "mc.kind"
-#: Body bytes handed to the kernel so far, for responses the access log cannot measure
-#: itself (sendfile, and bodies cut short).
-SENT_KEY = "mc.sent"
-#: A streamed response, once its status line is out (the access log reports its status
-#: even if the client goes away mid-body).
-RESPONSE_KEY = "mc.response"
 
 
 def _count_sent(request: web.Request, n: int) -> None:
@@ -82,14 +81,14 @@ async def v2(request: web.Request) -> web.StreamResponse:
         return await _blob(request, target, Digest.parse(path.reference))
     if path.kind == "tags":
         params = parse_page(request.query.get("n"), request.query.get("last"))
-        return await _relay(request, target, path, "tags/list", params, "NAME_UNKNOWN")
+        return await _relay(request, target, path, "tags/list", params, ErrorCode.NAME_UNKNOWN)
     params = parse_artifact_type(request.query.get("artifactType"))
     return await _relay(request, target, path, f"referrers/{path.reference}", params,
-                        "MANIFEST_UNKNOWN")
+                        ErrorCode.MANIFEST_UNKNOWN)
 
 
 def _read_only(request: web.Request) -> OCIError:
-    return OCIError("UNSUPPORTED", f"{request.method} is not supported: this mirror is "
+    return OCIError(ErrorCode.UNSUPPORTED, f"{request.method} is not supported: this mirror is "
                     "read-only", headers={"Allow": "GET, HEAD"})
 
 
@@ -100,7 +99,7 @@ def _check_manifest_tag(reference: str) -> None:
     try:
         validate_tag(reference)
     except OCIError as exc:
-        raise OCIError("MANIFEST_UNKNOWN", f"no manifest can be named {reference[:140]!r}: "
+        raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"no manifest can be named {reference[:140]!r}: "
                        "it is neither a valid tag nor a digest", status=404) from exc
 
 
@@ -179,7 +178,7 @@ async def _blob(request: web.Request, target: Target, digest: Digest) -> web.Str
         return await _stream_inflight(request, source, target, digest)
     if isinstance(source, PassthroughBlob):
         return await _stream_passthrough(request, source)
-    raise OCIError("UNKNOWN", "blob source not servable", status=500)
+    raise OCIError(ErrorCode.UNKNOWN, "blob source not servable", status=500)
 
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -199,7 +198,7 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         start, end = max(size - int(m.group(2)), 0), size
     end = min(end, size)
     if start >= size or start >= end:
-        raise OCIError("RANGE_INVALID", f"range not satisfiable for {size} bytes",
+        raise OCIError(ErrorCode.RANGE_INVALID, f"range not satisfiable for {size} bytes",
                        headers={"Content-Range": f"bytes */{size}"})
     return start, end
 
@@ -273,7 +272,7 @@ async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: Bi
     while offset < end:
         data = os.pread(f.fileno(), min(1 << 18, end - offset), offset)
         if not data:
-            raise DownloadFailed("UNKNOWN", "short read of in-flight blob")
+            raise DownloadFailed(ErrorCode.UNKNOWN, "short read of in-flight blob")
         await resp.write(data)
         _count_sent(request, len(data))
         offset += len(data)
@@ -309,7 +308,7 @@ async def _send_chunks(request: web.Request, resp: web.StreamResponse,
 def _abort(request: web.Request, exc: OCIError) -> None:
     """The status line is gone: the only honest signal left is a cut connection."""
     log.warning("request.aborted", path=request.path, error=exc.code, message=exc.message)
-    request["mc.aborted"] = True
+    request[ABORTED_KEY] = True
     if request.transport is not None:
         request.transport.abort()
 
@@ -322,7 +321,7 @@ def _rewrite_link(link: str | None, target: Target, path: V2Path) -> str | None:
 
 
 async def _relay(request: web.Request, target: Target, path: V2Path, suffix: str,
-                 params: dict[str, str], default_code: str) -> web.StreamResponse:
+                 params: dict[str, str], default_code: ErrorCode) -> web.StreamResponse:
     services = request.app[SERVICES]
     request[CACHE_KEY] = "relay"
     relayed = await services.passthrough.relay(target, suffix, params, default_code)

@@ -12,7 +12,14 @@ import time
 import structlog
 from aiohttp import web
 
-from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, RESPONSE_KEY, SENT_KEY, TARGET_KEY
+from mirrorcache.api.keys import (
+    ABORTED_KEY,
+    CACHE_KEY,
+    KIND_KEY,
+    RESPONSE_KEY,
+    SENT_KEY,
+    TARGET_KEY,
+)
 from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import Handler, is_client_disconnect
 from mirrorcache.log import redact_query
@@ -72,7 +79,7 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
         "cache": cache,
         "client": request.remote,
     }
-    if error or request.get("mc.aborted"):
+    if error or request.get(ABORTED_KEY):
         fields["error"] = error or "aborted"
     log.info("request.finished", **fields)
     metrics = request.app[SERVICES].metrics
@@ -87,6 +94,6 @@ def _body_bytes(request: web.Request, resp: web.StreamResponse | None,
     really handed to the kernel before it was cut."""
     if resp is None or request.method == "HEAD":
         return 0
-    if error is None and resp.content_length is not None and not request.get("mc.aborted"):
+    if error is None and resp.content_length is not None and not request.get(ABORTED_KEY):
         return resp.content_length
     return request.get(SENT_KEY) or resp.body_length

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import validate_tag
 
 Kind = Literal["base", "manifest", "blob", "tags", "referrers"]
@@ -36,24 +36,25 @@ def parse_v2_path(raw_path: str) -> V2Path:
     """Parse the raw (undecoded) request path. Names, tags and digests are checked later by
     their own grammars; here anything outside their alphabet is refused outright."""
     if len(raw_path) > 2048:
-        raise OCIError("NAME_INVALID", "request path too long")
+        raise OCIError(ErrorCode.NAME_INVALID, "request path too long")
     if not _SAFE_PATH_RE.fullmatch(raw_path):
-        raise OCIError("NAME_INVALID", "request path has characters no repository name, tag "
+        raise OCIError(ErrorCode.NAME_INVALID,
+                       "request path has characters no repository name, tag "
                        "or digest may contain")
     tail = raw_path[4:] if raw_path.startswith("/v2/") else ""
     if tail == "":
         return V2Path("base")
     if "//" in raw_path or "/../" in f"/{tail}/" or "/./" in f"/{tail}/":
-        raise OCIError("NAME_INVALID", "empty or relative path segment")
+        raise OCIError(ErrorCode.NAME_INVALID, "empty or relative path segment")
     if _UPLOADS_RE.search(f"/{tail}"):
-        raise OCIError("UNSUPPORTED", "this mirror is read-only: uploads are not supported")
+        raise OCIError(ErrorCode.UNSUPPORTED, "this mirror is read-only: uploads are not supported")
     m = _TAGS_RE.fullmatch(tail)
     if m is not None:
         return V2Path("tags", m.group("name"))
     m = _REF_RE.fullmatch(tail)
     if m is not None:
         return V2Path(_KINDS[m.group("kind")], m.group("name"), m.group("ref"))
-    raise OCIError("NAME_UNKNOWN", "no such endpoint", status=404)
+    raise OCIError(ErrorCode.NAME_UNKNOWN, "no such endpoint", status=404)
 
 
 def parse_page(n: str | None, last: str | None) -> dict[str, str]:
@@ -61,7 +62,8 @@ def parse_page(n: str | None, last: str | None) -> dict[str, str]:
     params: dict[str, str] = {}
     if n is not None:
         if not _PAGE_RE.fullmatch(n) or not 0 <= int(n) <= MAX_PAGE:
-            raise OCIError("PAGINATION_NUMBER_INVALID", f"n must be an integer 0..{MAX_PAGE}")
+            raise OCIError(ErrorCode.PAGINATION_NUMBER_INVALID,
+                           f"n must be an integer 0..{MAX_PAGE}")
         params["n"] = str(int(n))
     if last is not None:
         validate_tag(last)
@@ -73,5 +75,5 @@ def parse_artifact_type(value: str | None) -> dict[str, str]:
     if value is None:
         return {}
     if not _MEDIA_TYPE_RE.fullmatch(value):
-        raise OCIError("UNSUPPORTED", "artifactType must be a media type", status=400)
+        raise OCIError(ErrorCode.UNSUPPORTED, "artifactType must be a media type", status=400)
     return {"artifactType": value}

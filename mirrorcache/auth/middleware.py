@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from mirrorcache.api.keys import IDENTITY_KEY
 from mirrorcache.auth.authenticator import (
     Authenticator,
     BadCredentials,
@@ -31,11 +32,9 @@ from mirrorcache.auth.authenticator import (
 )
 from mirrorcache.auth.identity import Identity
 from mirrorcache.auth.limiter import FailedLoginLimiter
-from mirrorcache.errors import Handler, OCIError
+from mirrorcache.errors import ErrorCode, Handler, OCIError
 
 log = structlog.get_logger("mirrorcache.auth")
-
-IDENTITY_KEY = "mc.identity"
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)
 
 def unauthorized(realm: str, message: str = "authentication required") -> OCIError:
     """The 401 every client understands as "send your credentials"."""
-    return OCIError("UNAUTHORIZED", message,
+    return OCIError(ErrorCode.UNAUTHORIZED, message,
                     headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'})
 
 
@@ -111,5 +110,5 @@ def _failed(request: web.Request, address: str, exc: BadCredentials) -> None:
 
 def _too_many(wait: float, message: str) -> OCIError:
     seconds = max(int(wait + 0.999), 1)
-    return OCIError("TOOMANYREQUESTS", f"{message}; retry in {seconds}s",
+    return OCIError(ErrorCode.TOOMANYREQUESTS, f"{message}; retry in {seconds}s",
                     headers={"Retry-After": str(seconds)})

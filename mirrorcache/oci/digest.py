@@ -1,15 +1,10 @@
-"""Incremental hashing for the digests we verify."""
+"""Digests of byte strings."""
 
 from __future__ import annotations
 
 import hashlib
 
 from mirrorcache.oci.reference import Digest
-
-
-def hasher(digest: Digest) -> hashlib._Hash:
-    """A fresh hash object for the algorithm of ``digest``."""
-    return hashlib.new(digest.algorithm)
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:

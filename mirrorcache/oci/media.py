@@ -9,7 +9,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-DOCKER_MANIFEST_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 MANIFEST_TYPES: tuple[str, ...] = (
     OCI_INDEX,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 
 MAX_NAME_LENGTH = 255
 
@@ -32,13 +32,14 @@ class Digest:
         """Parse and validate a digest string; raise DIGEST_INVALID otherwise."""
         m = _DIGEST_RE.fullmatch(value)
         if m is None:
-            raise OCIError("DIGEST_INVALID", f"invalid digest: {value[:80]!r}")
+            raise OCIError(ErrorCode.DIGEST_INVALID, f"invalid digest: {value[:80]!r}")
         algorithm, encoded = m.group(1), m.group(2)
         length = DIGEST_ALGORITHMS.get(algorithm)
         if length is None:
-            raise OCIError("DIGEST_INVALID", f"unsupported digest algorithm: {algorithm[:20]!r}")
+            raise OCIError(ErrorCode.DIGEST_INVALID,
+                           f"unsupported digest algorithm: {algorithm[:20]!r}")
         if len(encoded) != length or not all(c in "0123456789abcdef" for c in encoded):
-            raise OCIError("DIGEST_INVALID", f"invalid {algorithm} digest: {value[:80]!r}")
+            raise OCIError(ErrorCode.DIGEST_INVALID, f"invalid {algorithm} digest: {value[:80]!r}")
         return cls(algorithm, encoded)
 
 
@@ -50,16 +51,17 @@ def is_digest(reference: str) -> bool:
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid repository name, else raise NAME_INVALID."""
     if len(name) > MAX_NAME_LENGTH:
-        raise OCIError("NAME_INVALID", f"repository name longer than {MAX_NAME_LENGTH} characters")
+        raise OCIError(ErrorCode.NAME_INVALID,
+                       f"repository name longer than {MAX_NAME_LENGTH} characters")
     if not NAME_RE.fullmatch(name):
-        raise OCIError("NAME_INVALID", f"invalid repository name: {name[:100]!r}")
+        raise OCIError(ErrorCode.NAME_INVALID, f"invalid repository name: {name[:100]!r}")
     return name
 
 
 def validate_tag(tag: str) -> str:
     """Return ``tag`` if it matches the tag grammar, else raise TAG_INVALID."""
     if not TAG_RE.fullmatch(tag):
-        raise OCIError("TAG_INVALID", f"invalid tag: {tag[:140]!r}")
+        raise OCIError(ErrorCode.TAG_INVALID, f"invalid tag: {tag[:140]!r}")
     return tag
 
 

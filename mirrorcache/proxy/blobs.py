@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
@@ -100,7 +100,7 @@ class Download:
                 continue
         if isinstance(self.error, _StorageFailed):
             raise CacheWriteFailed(self.error.code, self.error.message, status=self.error.status)
-        raise DownloadFailed("BLOB_UNKNOWN", "in-flight blob vanished", status=500)
+        raise DownloadFailed(ErrorCode.BLOB_UNKNOWN, "in-flight blob vanished", status=500)
 
     async def available(self, pos: int, stop: int) -> int:
         """Wait until bytes past ``pos`` (up to ``stop``) may be sent; return how far.
@@ -117,7 +117,7 @@ class Download:
             if pos < limit or (self.done and pos >= stop):
                 return limit
             if self.done:
-                raise DownloadFailed("UNKNOWN", "in-flight blob shorter than announced")
+                raise DownloadFailed(ErrorCode.UNKNOWN, "in-flight blob shorter than announced")
             await changed.wait()
 
 
@@ -136,7 +136,6 @@ class InflightBlob:
     """A blob being fetched: ``download.available()`` says how far its spool may be sent."""
 
     download: Download
-    joined: bool
     cache: str = "miss"
 
 
@@ -213,7 +212,7 @@ class BlobService:
             return (await self._head_upstream(target, digest)).size
 
         owner = (fetching_for.upstream, fetching_for.repository) if fetching_for else None
-        await self._gate.admit(target, digest, unknown="BLOB_UNKNOWN", confirm=confirm,
+        await self._gate.admit(target, digest, unknown=ErrorCode.BLOB_UNKNOWN, confirm=confirm,
                                fetching_for=owner, size=size)
 
     async def head(self, target: Target, digest: Digest) -> CachedBlob | RemoteBlobInfo:
@@ -225,7 +224,7 @@ class BlobService:
             await self._admit(target, digest, dl.target, dl.size)
             return RemoteBlobInfo(digest, dl.size, "miss")
         if self._configs[target.upstream].offline:
-            raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         return await self._head_upstream(target, digest)
 
@@ -234,7 +233,7 @@ class BlobService:
         async with client.open("HEAD", f"/v2/{target.repository}/blobs/{digest}",
                                target.repository) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "BLOB_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
             return RemoteBlobInfo(digest, resp.content_length)
 
     async def open(self, target: Target, digest: Digest,
@@ -244,12 +243,11 @@ class BlobService:
         if cached is not None:
             return cached
         if self._configs[target.upstream].offline:
-            raise OCIError("BLOB_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         if self._clock() < self._bypass_until:
             return await self._passthrough(target, digest, range_header)
         dl = self._downloads.get(digest)
-        joined = dl is not None
         if dl is None:
             dl = self._start(target, digest)
         else:
@@ -269,7 +267,7 @@ class BlobService:
             if dl.error is not None:
                 raise dl.error
             return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
-        return InflightBlob(dl, joined)
+        return InflightBlob(dl)
 
     def _start(self, target: Target, digest: Digest) -> Download:
         dl = Download(target, digest)
@@ -314,10 +312,10 @@ class BlobService:
                         repository=dl.target.repository, digest=str(digest), error=exc.code,
                         message=exc.message, bytes=dl.written)
         except asyncio.CancelledError:
-            dl.error = OCIError("UNAVAILABLE", "mirror shutting down", status=503)
+            dl.error = OCIError(ErrorCode.UNAVAILABLE, "mirror shutting down", status=503)
             raise
         except Exception as exc:
-            dl.error = OCIError("UNKNOWN", "blob fetch failed", status=500)
+            dl.error = OCIError(ErrorCode.UNKNOWN, "blob fetch failed", status=500)
             log.exception("blob.fetch_crashed", digest=str(digest), error=type(exc).__name__)
         finally:
             if self._downloads.get(digest) is dl:
@@ -355,13 +353,13 @@ class BlobService:
                 if await self._store.stat(dl.digest) is not None:
                     continue
                 if peer.error is not None:
-                    raise OCIError(str(peer.error.get("code", "UNKNOWN")),
+                    raise OCIError(ErrorCode.from_wire(peer.error.get("code")),
                                    str(peer.error.get("message", "peer fetch failed")),
                                    status=int(peer.error.get("status", 502)))
                 if dl.written == 0:
                     log.warning("blob.peer_vanished", digest=str(dl.digest))
                     return True
-                raise OCIError("UNAVAILABLE", "peer fetch died mid-stream", status=503)
+                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch died mid-stream", status=503)
             if peer.path is not None and dl.path is None:
                 # The peer fetches for its own repository: ours must be allowed to see it.
                 await self._admit(dl.target, dl.digest, owner)
@@ -377,7 +375,7 @@ class BlobService:
                     last_progress = loop.time()
                     dl.notify()
             if loop.time() - last_progress > idle_limit:
-                raise OCIError("UNAVAILABLE", "peer fetch made no progress", status=503)
+                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch made no progress", status=503)
             await asyncio.sleep(PEER_POLL)
 
     async def _download(self, dl: Download, claim: InflightClaim) -> None:
@@ -398,7 +396,7 @@ class BlobService:
                 path = f"/v2/{target.repository}/blobs/{digest}"
                 async with client.open("GET", path, target.repository) as resp:
                     if resp.status != 200:
-                        raise await relay_error(resp, "BLOB_UNKNOWN")
+                        raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
                     dl.size = resp.content_length
                     claim.publish(w.local_path, dl.size, str(target))
                     dl.started.set()
@@ -431,7 +429,8 @@ class BlobService:
                     log.error("blob.digest_mismatch", upstream=target.upstream,
                               repository=target.repository, expected=str(digest),
                               actual=exc.actual, size=exc.size)
-                    raise OCIError("DIGEST_INVALID", f"upstream content does not match {digest}",
+                    raise OCIError(ErrorCode.DIGEST_INVALID,
+                                   f"upstream content does not match {digest}",
                                    status=502) from None
             except StorageError as exc:
                 self._storage_failed(exc)
@@ -469,7 +468,7 @@ class BlobService:
             skip = start  # upstream ignored the range: drop what was already sent
         elif not (source.content_range or "").startswith(f"bytes {start}-"):
             await source.chunks.aclose()
-            raise DownloadFailed("UNAVAILABLE", "upstream could not resume the blob",
+            raise DownloadFailed(ErrorCode.UNAVAILABLE, "upstream could not resume the blob",
                                  status=503)
         log.warning("blob.continued_uncached", upstream=target.upstream,
                     repository=target.repository, digest=str(digest), offset=start)
@@ -488,7 +487,7 @@ class BlobService:
                 if want <= 0:
                     return
         if want > 0:
-            raise DownloadFailed("UNAVAILABLE", "upstream body ended early", status=503)
+            raise DownloadFailed(ErrorCode.UNAVAILABLE, "upstream body ended early", status=503)
 
     async def _passthrough(self, target: Target, digest: Digest,
                            range_header: str | None) -> PassthroughBlob:
@@ -499,7 +498,7 @@ class BlobService:
         resp = await cm.__aenter__()
         if resp.status not in (200, 206):
             try:
-                raise await relay_error(resp, "BLOB_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
             finally:
                 await cm.__aexit__(None, None, None)
 
@@ -508,7 +507,7 @@ class BlobService:
                 async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise DownloadFailed("UNAVAILABLE", f"upstream body broke: "
+                raise DownloadFailed(ErrorCode.UNAVAILABLE, f"upstream body broke: "
                                      f"{type(exc).__name__}", status=503) from None
             finally:
                 await cm.__aexit__(None, None, None)
@@ -548,4 +547,4 @@ def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
 
 class _StorageFailed(OCIError):
     def __init__(self) -> None:
-        super().__init__("UNAVAILABLE", "storage failed", status=503)
+        super().__init__(ErrorCode.UNAVAILABLE, "storage failed", status=503)

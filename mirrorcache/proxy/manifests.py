@@ -12,7 +12,7 @@ from cachetools import LRUCache
 
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci import media
 from mirrorcache.oci.digest import digest_of
@@ -136,13 +136,13 @@ class ManifestService:
             async def confirm() -> int | None:
                 return (await self._head_upstream(target, str(digest), accept)).size
 
-            await self._gate.admit(target, digest, unknown="MANIFEST_UNKNOWN",
+            await self._gate.admit(target, digest, unknown=ErrorCode.MANIFEST_UNKNOWN,
                                    confirm=confirm)
             stored = await self._cached(target, digest, "hit")
             if stored is not None:
                 return stored
         if cfg.offline:
-            raise OCIError("MANIFEST_UNKNOWN", f"{digest} is not cached and upstream "
+            raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         if head:
             return await self._head_upstream(target, str(digest), accept)
@@ -170,7 +170,7 @@ class ManifestService:
                         self._revalidate_in_background(target, tag)
                     return hit
         if cfg.offline:
-            raise OCIError("MANIFEST_UNKNOWN", f"tag {tag} is not cached and upstream "
+            raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"tag {tag} is not cached and upstream "
                            f"{target.upstream} is offline")
         if rec is not None and not media.accepts(accept, rec.media_type):
             # An old client that cannot take what the tag canonically is: relay its own view.
@@ -219,7 +219,7 @@ class ManifestService:
         async with client.open("HEAD", path, target.repository,
                                {"Accept": media.DEFAULT_ACCEPT}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             header = resp.headers.get("Docker-Content-Digest")
         new_digest: Digest | None = None
         if header:
@@ -257,11 +257,11 @@ class ManifestService:
         path = f"/v2/{target.repository}/manifests/{reference}"
         async with client.open("GET", path, target.repository, {"Accept": accept}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             try:
                 body = await read_capped(resp, media.MAX_MANIFEST_BYTES, "manifest")
             except BodyRefused as exc:
-                raise OCIError("MANIFEST_INVALID", f"upstream {exc}", status=502) from None
+                raise OCIError(ErrorCode.MANIFEST_INVALID, f"upstream {exc}", status=502) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
             header = resp.headers.get("Docker-Content-Digest")
@@ -271,7 +271,7 @@ class ManifestService:
         if want is not None and actual != want:
             log.error("manifest.digest_mismatch", upstream=target.upstream,
                       repository=target.repository, expected=str(want), actual=str(actual))
-            raise OCIError("DIGEST_INVALID", f"upstream manifest does not match {want}",
+            raise OCIError(ErrorCode.DIGEST_INVALID, f"upstream manifest does not match {want}",
                            status=502)
         # The manifest's own mediaType field wins over what this upstream's header claims.
         media_type = media.declared_media_type(body) or (
@@ -287,7 +287,7 @@ class ManifestService:
         async with client.open("HEAD", path, target.repository,
                                {"Accept": accept or media.DEFAULT_ACCEPT}) as resp:
             if resp.status != 200:
-                raise await relay_error(resp, "MANIFEST_UNKNOWN")
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
             digest = Digest.parse(resp.headers.get("Docker-Content-Digest", reference))
             mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
             return ManifestResult(digest, mt, resp.content_length or 0, None, "relay")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
 from mirrorcache.upstream.body import MAX_LISTING_BYTES, BodyRefused, read_capped
@@ -34,9 +34,10 @@ class PassthroughService:
         self._configs = configs
 
     async def relay(self, target: Target, suffix: str, params: Mapping[str, str],
-                    default_code: str) -> Relayed:
+                    default_code: ErrorCode) -> Relayed:
         if self._configs[target.upstream].offline:
-            raise OCIError("UNAVAILABLE", f"upstream {target.upstream} is offline", status=503)
+            raise OCIError(ErrorCode.UNAVAILABLE,
+                           f"upstream {target.upstream} is offline", status=503)
         client = self._upstreams[target.upstream]
         path = f"/v2/{target.repository}/{suffix}"
         async with client.open("GET", path, target.repository, {"Accept": "application/json, "
@@ -46,7 +47,7 @@ class PassthroughService:
             try:
                 body = await read_capped(resp, MAX_LISTING_BYTES, "upstream listing")
             except BodyRefused as exc:
-                raise OCIError("UNKNOWN", f"upstream {exc}", status=502) from None
+                raise OCIError(ErrorCode.UNKNOWN, f"upstream {exc}", status=502) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
             return Relayed(

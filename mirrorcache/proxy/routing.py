@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mirrorcache.config import DOCKER_HUB_ALIASES
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import validate_name
+from mirrorcache.upstream.dockerhub import canonical_host, canonical_repository
 
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
@@ -35,11 +35,6 @@ class Target:
         return f"{self.upstream}/{self.repository}"
 
 
-def _canonical_host(host: str) -> str:
-    host = host.lower()
-    return "docker.io" if host in DOCKER_HUB_ALIASES else host
-
-
 def looks_like_host(component: str) -> bool:
     """The rule Docker uses: a first component with a dot or colon, or 'localhost', is a host."""
     return "." in component or ":" in component or component == "localhost"
@@ -54,10 +49,11 @@ class Router:
 
     def _known(self, host: str, how: str) -> str:
         if len(host) > 255 or not _HOST_RE.fullmatch(host):
-            raise OCIError("NAME_INVALID", f"invalid registry host in {how}: {host[:80]!r}")
-        canonical = _canonical_host(host)
+            raise OCIError(ErrorCode.NAME_INVALID, f"invalid registry host in {how}: {host[:80]!r}")
+        canonical = canonical_host(host)
         if canonical not in self._upstreams:
-            raise OCIError("NAME_UNKNOWN", f"upstream registry {canonical!r} is not configured "
+            raise OCIError(ErrorCode.NAME_UNKNOWN,
+                           f"upstream registry {canonical!r} is not configured "
                            "on this mirror", status=404)
         return canonical
 
@@ -75,9 +71,8 @@ class Router:
             elif self._default is not None:
                 upstream, repository, form = self._default, name, "default"
             else:
-                raise OCIError("NAME_UNKNOWN", "no upstream named in the path or ns, and no "
+                raise OCIError(ErrorCode.NAME_UNKNOWN,
+                               "no upstream named in the path or ns, and no "
                                "default_upstream configured", status=404)
         validate_name(repository)
-        if upstream == "docker.io" and "/" not in repository:
-            repository = f"library/{repository}"
-        return Target(upstream, repository, form)
+        return Target(upstream, canonical_repository(upstream, repository), form)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from mirrorcache.errors import OCIError, error_from_upstream
+from mirrorcache.errors import ErrorCode, OCIError, error_from_upstream
 from mirrorcache.upstream.body import MAX_ERROR_BODY, read_capped
 from mirrorcache.upstream.client import UpstreamClient
 
@@ -25,7 +25,7 @@ class Upstreams:
         return self._clients[name]
 
 
-async def relay_error(resp: aiohttp.ClientResponse, default_code: str) -> OCIError:
+async def relay_error(resp: aiohttp.ClientResponse, default_code: ErrorCode) -> OCIError:
     """Turn an upstream error response into an OCIError (reads at most ``MAX_ERROR_BODY``
     bytes, for at most ``ERROR_BODY_TIMEOUT``; a body that does not come is no body)."""
     try:
@@ -37,7 +37,7 @@ async def relay_error(resp: aiohttp.ClientResponse, default_code: str) -> OCIErr
     if resp.status in (502, 504):
         # A gateway in front of the upstream could not reach it (retries are spent): the
         # upstream is unavailable, as with 503. A 500 stays our 502: it is about the request.
-        err = OCIError("UNAVAILABLE", err.message, status=503)
+        err = OCIError(ErrorCode.UNAVAILABLE, err.message, status=503)
     retry_after = resp.headers.get("Retry-After")
     if retry_after and resp.status in (429, 503):
         err.headers["Retry-After"] = retry_after

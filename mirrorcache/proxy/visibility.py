@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import structlog
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.storage.metadata import Metadata
@@ -42,7 +42,7 @@ class RepositoryGate:
     def linked(self, target: Target, digest: Digest) -> bool:
         return self._meta.is_linked(target.upstream, target.repository, digest)
 
-    async def admit(self, target: Target, digest: Digest, *, unknown: str, confirm: Confirm,
+    async def admit(self, target: Target, digest: Digest, *, unknown: ErrorCode, confirm: Confirm,
                     fetching_for: tuple[str, str] | None = None,
                     size: int | None = None) -> None:
         """Return if ``target`` may see ``digest``, else raise ``unknown`` (404).

@@ -26,7 +26,7 @@ from tenacity import (
 from yarl import URL
 
 from mirrorcache.config import UpstreamConfig
-from mirrorcache.errors import OCIError
+from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.upstream.auth import (
     Challenge,
@@ -37,6 +37,7 @@ from mirrorcache.upstream.auth import (
     pull_scope,
 )
 from mirrorcache.upstream.breaker import CircuitBreaker, Rejection
+from mirrorcache.upstream.dockerhub import parse_ratelimit
 from mirrorcache.upstream.realm import RealmPolicy
 
 log = structlog.get_logger("mirrorcache.upstream")
@@ -58,7 +59,8 @@ class UpstreamUnavailable(OCIError):
     """The upstream could not be reached or timed out."""
 
     def __init__(self, upstream: str, reason: str) -> None:
-        super().__init__("UNAVAILABLE", f"upstream {upstream} unavailable: {reason}", status=503)
+        super().__init__(ErrorCode.UNAVAILABLE,
+                         f"upstream {upstream} unavailable: {reason}", status=503)
 
 
 class UpstreamRejected(OCIError):
@@ -67,12 +69,14 @@ class UpstreamRejected(OCIError):
     def __init__(self, upstream: str, rejection: Rejection) -> None:
         wait = max(int(rejection.retry_after + 0.999), 1)
         if rejection.rate_limited:
-            super().__init__("TOOMANYREQUESTS", f"upstream {upstream} is rate-limiting this "
+            super().__init__(ErrorCode.TOOMANYREQUESTS,
+                             f"upstream {upstream} is rate-limiting this "
                              f"mirror; retry in {wait}s", status=429,
                              headers={"Retry-After": str(wait)})
         else:
             why = f" ({rejection.reason})" if rejection.reason else ""
-            super().__init__("UNAVAILABLE", f"upstream {upstream} is failing{why}; not calling "
+            super().__init__(ErrorCode.UNAVAILABLE,
+                             f"upstream {upstream} is failing{why}; not calling "
                              f"it for {wait}s", status=503, headers={"Retry-After": str(wait)})
 
 
@@ -81,7 +85,7 @@ class UpstreamBusy(OCIError):
     busy, the upstream is not at fault (the breaker is not told)."""
 
     def __init__(self, upstream: str, slots: int, waited: float) -> None:
-        super().__init__("UNAVAILABLE", f"mirror busy: all {slots} connections to upstream "
+        super().__init__(ErrorCode.UNAVAILABLE, f"mirror busy: all {slots} connections to upstream "
                          f"{upstream} stayed in use for {waited:g}s", status=503,
                          headers={"Retry-After": "1"})
 
@@ -183,13 +187,13 @@ class UpstreamClient:
                                                     self._timeout(deadline), self._realms)
         except TokenError as exc:
             if exc.status in (401, 403):
-                raise OCIError("UNAUTHORIZED" if exc.status == 401 else "DENIED",
+                raise OCIError(ErrorCode.UNAUTHORIZED if exc.status == 401 else ErrorCode.DENIED,
                                f"upstream {self.name} refused credentials for {scope}",
                                status=exc.status) from None
             if exc.refused_realm and str(exc) not in self._refused_realms:
                 self._refused_realms.add(str(exc))  # logged once, not per request
                 log.error("upstream.token_realm_refused", upstream=self.name, reason=str(exc))
-            raise OCIError("UNKNOWN", f"upstream {self.name}: {exc}", status=502) from None
+            raise OCIError(ErrorCode.UNKNOWN, f"upstream {self.name}: {exc}", status=502) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason, _ = describe_failure(exc, urlsplit(realm).netloc or "token endpoint")
             log.warning("upstream.token_failed", upstream=self.name, reason=reason)
@@ -304,17 +308,11 @@ class UpstreamClient:
         return resp
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
-        remaining = resp.headers.get("ratelimit-remaining")
-        if remaining is not None:
-            self.ratelimit = {
-                "limit": resp.headers.get("ratelimit-limit", ""),
-                "remaining": remaining,
-            }
-            try:
-                self._metrics.ratelimit_remaining.labels(self.name).set(
-                    float(remaining.split(";", 1)[0]))
-            except ValueError:
-                pass
+        rate = parse_ratelimit(resp.headers)
+        if rate is not None:
+            self.ratelimit = {"limit": rate.limit, "remaining": rate.remaining}
+            if rate.remaining_count is not None:
+                self._metrics.ratelimit_remaining.labels(self.name).set(rate.remaining_count)
 
     @asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -403,10 +401,11 @@ class UpstreamClient:
                                                                                       "HEAD"):
             hops += 1
             if hops > MAX_REDIRECTS:
-                raise OCIError("UNKNOWN", f"upstream {self.name}: too many redirects", status=502)
+                raise OCIError(ErrorCode.UNKNOWN,
+                               f"upstream {self.name}: too many redirects", status=502)
             url = urljoin(url, resp.headers["Location"])
             if urlsplit(url).scheme not in ("http", "https"):
-                raise OCIError("UNKNOWN", f"upstream {self.name}: bad redirect", status=502)
+                raise OCIError(ErrorCode.UNKNOWN, f"upstream {self.name}: bad redirect", status=502)
             resp.release()
             if _origin(url) != origin:
                 # Another origin (object storage, or a downgrade to http) gets no credentials.

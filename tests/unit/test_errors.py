@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import mypy.api
 import pytest
 import structlog
 from aiohttp import web
@@ -13,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from mirrorcache.errors import (
     CODES,
+    ErrorCode,
     OCIError,
     error_from_upstream,
     error_middleware,
@@ -210,3 +213,39 @@ async def test_middleware_passes_success_through(client: TestClient[Any, Any]) -
     resp = await client.get("/ok")
     assert resp.status == 200
     assert await resp.json() == {"ok": True}
+
+
+# --- the ErrorCode enum ------------------------------------------------------------------
+
+
+def test_every_code_has_a_table_entry() -> None:
+    assert set(CODES) == set(ErrorCode)
+    assert all(spec.code is code for code, spec in CODES.items())
+
+
+def test_codes_render_as_plain_strings() -> None:
+    err = OCIError(ErrorCode.BLOB_UNKNOWN)
+    assert json.dumps(err.body()) == ('{"errors": [{"code": "BLOB_UNKNOWN", '
+                                      '"message": "blob unknown to registry"}]}')
+    assert f"{err.code}" == "BLOB_UNKNOWN"
+
+
+def test_codes_read_back_from_elsewhere_are_parsed_leniently() -> None:
+    assert ErrorCode.from_wire("DENIED") is ErrorCode.DENIED
+    for odd in ("MADE_UP", None, 404, "denied"):
+        assert ErrorCode.from_wire(odd) is ErrorCode.UNKNOWN
+
+
+def test_a_misspelt_code_is_a_type_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the enum: mypy refuses a typo instead of it becoming a silent 500."""
+    monkeypatch.setenv("MYPYPATH", str(Path(__file__).resolve().parents[2]))  # this tree
+    snippet = tmp_path / "typo.py"
+    snippet.write_text("from mirrorcache.errors import ErrorCode, OCIError\n"
+                       "OCIError(ErrorCode.BLOB_UNKNOWN)\n"
+                       "OCIError(ErrorCode.BLOB_UNKNWON)\n"
+                       'OCIError("BLOB_UNKNOWN")\n')
+    out, _, status = mypy.api.run(["--strict", "--no-incremental", "--follow-imports=silent",
+                                   str(snippet)])
+    assert status == 1
+    errors = [line.split(":", 2)[1] for line in out.splitlines() if ": error:" in line]
+    assert errors == ["3", "4"], out

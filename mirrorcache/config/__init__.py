@@ -1,0 +1,44 @@
+"""Typed configuration, read once from YAML and the environment.
+
+``load.py`` reads and validates (``load_config`` / ``parse_config``), ``model.py`` holds the
+frozen dataclasses, ``_section.py`` the generic validator, ``secrets.py`` password and
+credential reading. YAML file reading and ``ConfigError`` live below this package, in
+``mirrorcache.yamlfile``, so ``policy`` can use them without importing config.
+"""
+
+from mirrorcache.config._section import parse_duration
+from mirrorcache.config.load import (
+    load_config,
+    parse_config,
+    parse_listen,
+)
+from mirrorcache.config.model import (
+    AuthConfig,
+    Config,
+    FilesystemStorageConfig,
+    LimitsConfig,
+    LogConfig,
+    PolicyConfig,
+    StorageConfig,
+    TlsConfig,
+    UpstreamConfig,
+)
+from mirrorcache.yamlfile import ConfigError, read_yaml_file
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "FilesystemStorageConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "PolicyConfig",
+    "StorageConfig",
+    "TlsConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_listen",
+    "read_yaml_file",
+]

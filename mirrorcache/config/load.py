@@ -1,0 +1,265 @@
+"""Typed configuration, read once from YAML and the environment.
+
+``load_config(path, environ)`` is the only place that reads the config file or the
+environment; every problem is collected with its key path (``upstreams.quay.io.url: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mirrorcache.auth.credentials import parse_htpasswd, parse_tokens
+from mirrorcache.config._section import _Section
+from mirrorcache.config.model import (
+    AuthConfig,
+    Config,
+    FilesystemStorageConfig,
+    LimitsConfig,
+    LogConfig,
+    PolicyConfig,
+    StorageConfig,
+    TlsConfig,
+    UpstreamConfig,
+)
+from mirrorcache.config.secrets import read_credentials, read_secret
+from mirrorcache.policy import Policy, load_policy_file, parse_policy
+from mirrorcache.upstream.dockerhub import DOCKER_HUB_ALIASES
+from mirrorcache.yamlfile import ConfigError, read_yaml_file
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[::1]:port`` / ``:port``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:5000, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _token_realms(sec: _Section) -> tuple[str, ...]:
+    """``token_realms``: hosts (``auth.example.com``) or URL prefixes
+    (``https://auth.example.com/token``) trusted with this upstream's credentials."""
+    realms = sec.str_list("token_realms")
+    for entry in realms:
+        if "://" in entry:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                sec.problem("token_realms", f"expected a host or an http(s) URL, got {entry!r}")
+        elif not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", entry):
+            sec.problem("token_realms", f"expected a host or an http(s) URL, got {entry!r}")
+    return realms
+
+
+def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
+    url = sec.text("url")
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            sec.problem("url", f"expected an http(s) URL, got {url!r}")
+        elif parts.path not in ("", "/") or parts.query:
+            sec.problem("url", "must be a bare origin such as https://quay.io (no path)")
+        elif parts.username is not None or parts.password is not None:
+            sec.problem("url", "must not carry credentials: use username and password_env "
+                        "or password_file")
+    username = sec.text("username", None)
+    password = read_secret(sec, environ)
+    if password is not None and username is None:
+        sec.problem("username", "is required when a password is set")
+    ca_file = sec.text("ca_file", None)
+    if isinstance(ca_file, str) and not Path(ca_file).is_file():
+        sec.problem("ca_file", f"no such file: {ca_file}")
+    up = UpstreamConfig(
+        name=name,
+        url=(url or "").rstrip("/"),
+        username=username,
+        password=password,
+        tag_ttl=sec.duration("tag_ttl", 600.0),
+        tag_stale_while_revalidate=sec.duration("tag_stale_while_revalidate", 0.0),
+        connect_timeout=sec.duration("connect_timeout", 10.0),
+        read_timeout=sec.duration("read_timeout", 60.0),
+        ca_file=ca_file,
+        insecure=sec.flag("insecure", False),
+        offline=sec.flag("offline", False),
+        max_retries=sec.integer("max_retries", 3, 0, 20),
+        retry_max_wait=sec.duration("retry_max_wait", 30.0),
+        breaker_failures=sec.integer("breaker_failures", 5, 1, 1000),
+        breaker_cooldown=sec.duration("breaker_cooldown", 30.0),
+        request_timeout=sec.duration("request_timeout", 60.0),
+        max_connections=sec.integer("max_connections", 100, 1, 10000),
+        pool_timeout=sec.duration("pool_timeout", 30.0),
+        token_realms=_token_realms(sec),
+    )
+    if up.request_timeout <= 0:
+        sec.problem("request_timeout", "must be more than 0")
+    sec.finish()
+    return up
+
+
+def _parse_policy(sec: _Section) -> PolicyConfig:
+    """``policy: {default, rules}`` inline, or ``policy: {file, reload_interval}``."""
+    extra = ("file", "reload_interval")
+    sec.used.update(("default", "rules", *extra))
+    file = sec.text("file", None)
+    interval = sec.duration("reload_interval", 2.0)
+    if file is None:
+        return PolicyConfig(parse_policy(sec.data, sec.path, sec.problems, extra_keys=extra),
+                            None, interval)
+    for name in ("rules", "default"):
+        if sec.has(name):
+            sec.problem(name, "set either policy.file or inline rules/default, not both")
+    try:
+        policy = load_policy_file(file)
+    except ConfigError as exc:
+        sec.problems.extend(f"{sec.key('file')}: {p}" for p in exc.problems)
+        policy = Policy()
+    return PolicyConfig(policy, Path(file), interval)
+
+
+def _parse_auth(sec: _Section, environ: Mapping[str, str]) -> AuthConfig:
+    enabled = sec.flag("enabled", False)
+    users: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    text = read_credentials(sec, "htpasswd", environ)
+    if text is not None:
+        users = parse_htpasswd(text, sec.key("htpasswd"), sec.problems)
+    for name in ("tokens_file", "tokens_env"):
+        text = read_credentials(sec, name, environ)
+        if text is not None:
+            tokens.update(parse_tokens(text, sec.key(name), sec.problems))
+    groups: dict[str, frozenset[str]] = {}
+    groups_sec = sec.section("groups")
+    for group in list(groups_sec.data):
+        groups[str(group)] = frozenset(groups_sec.str_list(group))
+    if enabled and not users and not tokens:
+        sec.problem("enabled", "no users: set htpasswd, tokens_file or tokens_env")
+    cfg = AuthConfig(
+        enabled=enabled,
+        realm=sec.text("realm", "mirrorcache"),
+        users=users,
+        tokens=tokens,
+        groups=groups,
+        max_failed_logins=sec.integer("max_failed_logins", 10, 0, 1_000_000),
+        failed_login_window=sec.duration("failed_login_window", 60.0),
+    )
+    if '"' in cfg.realm or "\\" in cfg.realm:
+        sec.problem("realm", "must not contain quotes or backslashes")
+    sec.finish()
+    return cfg
+
+
+def _parse_limits(sec: _Section) -> LimitsConfig:
+    cfg = LimitsConfig(
+        max_connections=sec.integer("max_connections", 4096, 0, 1_000_000),
+        max_connections_per_client=sec.integer("max_connections_per_client", 512, 0,
+                                               1_000_000),
+        send_timeout=sec.duration("send_timeout", 60.0),
+    )
+    if 0 < cfg.send_timeout < 1:
+        sec.problem("send_timeout", "must be at least 1s (or 0 to disable)")
+    sec.finish()
+    return cfg
+
+
+def _parse_tls(sec: _Section) -> TlsConfig | None:
+    if not sec.data:
+        sec.finish()
+        return None
+    paths = {}
+    for name in ("cert", "key"):
+        value = sec.text(name)
+        if isinstance(value, str) and not Path(value).is_file():
+            sec.problem(name, f"no such file: {value}")
+        paths[name] = Path(value or "")
+    sec.finish()
+    return TlsConfig(paths["cert"], paths["key"])
+
+
+_UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|localhost(:\d+)?")
+
+
+def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate raw (YAML-decoded) config data into a Config, or raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    root = _Section(data, "", problems)
+
+    listen = root.text("listen", "0.0.0.0:5000")
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        root.problem("listen", str(exc))
+        host, port = "0.0.0.0", 5000
+
+    storage_sec = root.section("storage")
+    fs_sec = storage_sec.section("filesystem")
+    fs_path = Path(fs_sec.text("path", "/var/lib/mirrorcache") or "/var/lib/mirrorcache")
+    fs_sec.finish()
+    meta = storage_sec.text("metadata_path", None)
+    storage = StorageConfig(
+        filesystem=FilesystemStorageConfig(path=fs_path),
+        metadata_path=Path(meta) if isinstance(meta, str) else fs_path / "metadata",
+    )
+    storage_sec.finish()
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    up_sec = root.section("upstreams")
+    if not up_sec.data:
+        up_sec.problem("", "at least one upstream is required")
+    for name, sec in up_sec.items():
+        if not _UPSTREAM_NAME_RE.fullmatch(name) or ("." not in name and ":" not in name
+                                                     and name != "localhost"):
+            up_sec.problem(name, "upstream names are registry hosts such as docker.io or quay.io")
+        if name in DOCKER_HUB_ALIASES:
+            up_sec.problem(name, "name Docker Hub 'docker.io'")
+        upstreams[name] = _parse_upstream(name, sec, environ)
+
+    default = root.text("default_upstream", None)
+    if default is not None and default not in upstreams:
+        root.problem("default_upstream", f"{default!r} is not one of the configured upstreams")
+
+    log_sec = root.section("log")
+    log_cfg = LogConfig(
+        level=log_sec.choice("level", "info", ("debug", "info", "warning", "error")),
+        format=log_sec.choice("format", "auto", ("auto", "json", "console")),
+    )
+    log_sec.finish()
+
+    policy_cfg = _parse_policy(root.section("policy"))
+    auth_cfg = _parse_auth(root.section("auth"), environ)
+    if not auth_cfg.enabled:
+        for rule in policy_cfg.policy.rules:
+            if rule.users or rule.groups:
+                root.problem("policy", f"{rule.text} names users or groups, but auth is not "
+                             "enabled (every caller is anonymous)")
+    tls_cfg = _parse_tls(root.section("tls"))
+
+    cfg = Config(
+        listen_host=host,
+        listen_port=port,
+        storage=storage,
+        upstreams=upstreams,
+        default_upstream=default,
+        log=log_cfg,
+        workers=root.integer("workers", 1, 1, 64),
+        event_loop=root.choice("event_loop", "asyncio", ("asyncio", "uvloop")),
+        shutdown_grace=root.duration("shutdown_grace", 30.0),
+        policy=policy_cfg,
+        auth=auth_cfg,
+        tls=tls_cfg,
+        limits=_parse_limits(root.section("limits")),
+    )
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    return parse_config(read_yaml_file(path), environ)

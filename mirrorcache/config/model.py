@@ -1,0 +1,125 @@
+"""The configuration as frozen dataclasses, one per section."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mirrorcache.policy import Policy
+from mirrorcache.upstream.dockerhub import is_docker_hub
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry: where it is, how to log in, how long its tags are trusted."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tag_ttl: float = 600.0
+    tag_stale_while_revalidate: float = 0.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    ca_file: str | None = None
+    insecure: bool = False
+    offline: bool = False
+    max_retries: int = 3
+    retry_max_wait: float = 30.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    #: Overall deadline of one exchange (token, manifest, tags, referrers, error body; for
+    #: blobs: until the response headers, the body then only has ``read_timeout`` per read).
+    request_timeout: float = 60.0
+    #: Requests in flight to this upstream at once (each holds one connection).
+    max_connections: int = 100
+    #: How long a request waits for one of those slots; not an upstream failure.
+    pool_timeout: float = 30.0
+    #: Token realms besides the upstream's own domain that may receive its credentials.
+    token_realms: tuple[str, ...] = ()
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return is_docker_hub(self.name)
+
+
+@dataclass(frozen=True)
+class FilesystemStorageConfig:
+    """Blobs and manifests in a content-addressed tree under ``path``."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where cached content and metadata live."""
+
+    filesystem: FilesystemStorageConfig
+    metadata_path: Path
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Log level and rendering (``auto``: console on a TTY, JSON otherwise)."""
+
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which repositories may be pulled: inline rules, or rules from ``file`` (reloadable)."""
+
+    policy: Policy = field(default_factory=Policy)
+    file: Path | None = None
+    reload_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication (off: anonymous read). Secrets are read once, at load time."""
+
+    enabled: bool = False
+    realm: str = "mirrorcache"
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    max_failed_logins: int = 10
+    failed_login_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Client connection caps (0: none) and the send timeout for clients that stop reading."""
+
+    max_connections: int = 4096
+    max_connections_per_client: int = 512
+    send_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Serve HTTPS with this certificate chain and key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole mirrorcache configuration."""
+
+    listen_host: str
+    listen_port: int
+    storage: StorageConfig
+    upstreams: Mapping[str, UpstreamConfig]
+    default_upstream: str | None
+    log: LogConfig = LogConfig()
+    workers: int = 1
+    event_loop: str = "asyncio"
+    shutdown_grace: float = 30.0
+    policy: PolicyConfig = PolicyConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
