@@ -37,6 +37,7 @@ from mirrorcache.storage.base import BlobStore, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamClient
+from mirrorcache.upstream.registry import RegistryClient
 
 log = structlog.get_logger("mirrorcache.app")
 
@@ -118,7 +119,7 @@ def create_app(config: Config, *, clean_temp: bool = True,
             read_bufsize=1 << 20, trust_env=False, auto_decompress=False,
         )
         upstreams = Upstreams({
-            name: UpstreamClient(cfg, session, metrics)
+            name: RegistryClient(UpstreamClient(cfg, session, metrics))
             for name, cfg in config.upstreams.items()
         })
         configs = dict(config.upstreams)

@@ -28,13 +28,14 @@ from mirrorcache.api.services import SERVICES
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
 from mirrorcache.proxy.blobs import (
+    UPSTREAM_CHUNK,
     CachedBlob,
     CacheWriteFailed,
     DownloadFailed,
     InflightBlob,
     PassthroughBlob,
 )
-from mirrorcache.proxy.passthrough import paginate_tags
+from mirrorcache.proxy.passthrough import Relayed, paginate_tags
 from mirrorcache.proxy.routing import Target
 
 log = structlog.get_logger("mirrorcache.api")
@@ -79,12 +80,15 @@ async def v2(request: web.Request) -> web.StreamResponse:
         return await _manifest(request, target, path)
     if path.kind == "blob":
         return await _blob(request, target, Digest.parse(path.reference))
+    request[CACHE_KEY] = "relay"
     if path.kind == "tags":
         params = parse_page(request.query.get("n"), request.query.get("last"))
-        return await _relay(request, target, path, "tags/list", params, ErrorCode.NAME_UNKNOWN)
-    params = parse_artifact_type(request.query.get("artifactType"))
-    return await _relay(request, target, path, f"referrers/{path.reference}", params,
-                        ErrorCode.MANIFEST_UNKNOWN)
+        relayed = await services.passthrough.tags(target, params)
+    else:
+        params = parse_artifact_type(request.query.get("artifactType"))
+        relayed = await services.passthrough.referrers(target, Digest.parse(path.reference),
+                                                       params)
+    return _relay(request, target, path, relayed, params)
 
 
 def _read_only(request: web.Request) -> OCIError:
@@ -280,15 +284,19 @@ async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: Bi
 
 async def _stream_passthrough(request: web.Request, source: PassthroughBlob
                               ) -> web.StreamResponse:
-    resp = web.StreamResponse(status=source.status, headers=_blob_headers(source.digest))
-    if source.size is not None:
-        resp.content_length = source.size
-    if source.content_range:
-        resp.headers["Content-Range"] = source.content_range
-    async with contextlib.aclosing(source.chunks):
+    # Entered before anything is sent: the upstream body is released on every path, a
+    # client gone before ``prepare`` included.
+    async with source.body as body:
+        resp = web.StreamResponse(status=206 if body.partial else 200,
+                                  headers=_blob_headers(source.digest))
+        if body.length is not None:
+            resp.content_length = body.length
+        if body.content_range:
+            resp.headers["Content-Range"] = body.content_range
         request[RESPONSE_KEY] = resp
         await resp.prepare(request)
-        return await _send_chunks(request, resp, source.chunks)
+        async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
+            return await _send_chunks(request, resp, chunks)
 
 
 async def _send_chunks(request: web.Request, resp: web.StreamResponse,
@@ -320,11 +328,8 @@ def _rewrite_link(link: str | None, target: Target, path: V2Path) -> str | None:
     return link.replace(f"/v2/{target.repository}/", f"/v2/{path.name}/")
 
 
-async def _relay(request: web.Request, target: Target, path: V2Path, suffix: str,
-                 params: dict[str, str], default_code: ErrorCode) -> web.StreamResponse:
-    services = request.app[SERVICES]
-    request[CACHE_KEY] = "relay"
-    relayed = await services.passthrough.relay(target, suffix, params, default_code)
+def _relay(request: web.Request, target: Target, path: V2Path, relayed: Relayed,
+           params: dict[str, str]) -> web.StreamResponse:
     headers = dict(API_HEADERS)
     link = _rewrite_link(relayed.link, target, path)
     if path.kind == "tags":

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import aiohttp
 import structlog
 
 from mirrorcache.config import UpstreamConfig
@@ -26,7 +27,7 @@ from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
-from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import (
     BlobStore,
@@ -37,6 +38,7 @@ from mirrorcache.storage.base import (
 )
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamUnavailable
+from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
 
 log = structlog.get_logger("mirrorcache.blobs")
 
@@ -141,13 +143,16 @@ class InflightBlob:
 
 @dataclass(frozen=True, slots=True)
 class PassthroughBlob:
-    """Storage is failing: the body comes straight from upstream, uncached."""
+    """Storage is failing: the body comes straight from upstream, uncached.
+
+    ``body`` is not open yet: whoever serves it enters it with ``async with`` before sending
+    anything, so the upstream response (and its connection slot) is released on every path,
+    a client gone before the response starts included. Upstream's refusals (404, ...) are
+    raised on entry. Read it with ``body.chunks(UPSTREAM_CHUNK)``.
+    """
 
     digest: Digest
-    size: int | None
-    status: int
-    content_range: str | None
-    chunks: AsyncGenerator[bytes]
+    body: AbstractAsyncContextManager[BlobBody]
     cache: str = "bypass"
 
 
@@ -229,12 +234,8 @@ class BlobService:
         return await self._head_upstream(target, digest)
 
     async def _head_upstream(self, target: Target, digest: Digest) -> RemoteBlobInfo:
-        client = self._upstreams[target.upstream]
-        async with client.open("HEAD", f"/v2/{target.repository}/blobs/{digest}",
-                               target.repository) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
-            return RemoteBlobInfo(digest, resp.content_length)
+        remote = await self._upstreams[target.upstream].stat_blob(target.repository, digest)
+        return RemoteBlobInfo(digest, remote.size)
 
     async def open(self, target: Target, digest: Digest,
                    range_header: str | None = None) -> BlobSource:
@@ -246,7 +247,7 @@ class BlobService:
             raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} is not cached and upstream "
                            f"{target.upstream} is offline")
         if self._clock() < self._bypass_until:
-            return await self._passthrough(target, digest, range_header)
+            return self._passthrough(target, digest, range_header)
         dl = self._downloads.get(digest)
         if dl is None:
             dl = self._start(target, digest)
@@ -257,13 +258,13 @@ class BlobService:
         await dl.started.wait()
         if dl.error is not None and dl.written == 0:
             if isinstance(dl.error, _StorageFailed):
-                return await self._passthrough(target, digest, range_header)
+                return self._passthrough(target, digest, range_header)
             raise dl.error
         if dl.size is None:
             # No length from upstream: wait for the verified blob, then serve it from cache.
             await dl.finished.wait()
             if isinstance(dl.error, _StorageFailed):
-                return await self._passthrough(target, digest, range_header)
+                return self._passthrough(target, digest, range_header)
             if dl.error is not None:
                 raise dl.error
             return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
@@ -393,27 +394,23 @@ class BlobService:
                 if w.local_path is None:
                     raise _StorageFailed()
                 dl.path = w.local_path
-                path = f"/v2/{target.repository}/blobs/{digest}"
-                async with client.open("GET", path, target.repository) as resp:
-                    if resp.status != 200:
-                        raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
-                    dl.size = resp.content_length
+                async with client.open_blob(target.repository, digest) as body:
+                    dl.size = body.size
                     claim.publish(w.local_path, dl.size, str(target))
                     dl.started.set()
                     log.info("blob.fetch_started", upstream=target.upstream,
                              repository=target.repository, digest=str(digest), size=dl.size)
-                    broke = await _pump(resp, w, dl)
+                    broke = await _pump(body, w, dl)
                 resumes = 0
                 while broke is not None and dl.size is not None and resumes < MAX_RESUMES:
                     resumes += 1
                     log.warning("blob.resume", upstream=target.upstream, digest=str(digest),
                                 offset=w.size, size=dl.size, attempt=resumes, error=broke)
-                    async with client.open("GET", path, target.repository,
-                                           {"Range": f"bytes={w.size}-"}) as resp:
-                        if resp.status != 206 or not _range_starts_at(resp, w.size):
+                    async with client.open_blob(target.repository, digest, w.size) as body:
+                        if body.start != w.size:
                             raise UpstreamUnavailable(target.upstream, "could not resume "
-                                                      f"after {w.size} bytes ({resp.status})")
-                        broke = await _pump(resp, w, dl)
+                                                      f"after {w.size} bytes (whole body sent)")
+                        broke = await _pump(body, w, dl)
                 if broke is not None:
                     raise UpstreamUnavailable(target.upstream, f"body broke after {w.size} "
                                               f"bytes: {broke}")
@@ -462,58 +459,34 @@ class BlobService:
                         ) -> AsyncGenerator[bytes]:
         """Bytes ``start``..``end`` (exclusive) of a blob straight from upstream, uncached: how
         readers of a download whose cache write failed finish their response."""
-        source = await self._passthrough(target, digest, f"bytes={start}-{end - 1}")
-        skip = 0
-        if source.status == 200:
-            skip = start  # upstream ignored the range: drop what was already sent
-        elif not (source.content_range or "").startswith(f"bytes {start}-"):
-            await source.chunks.aclose()
-            raise DownloadFailed(ErrorCode.UNAVAILABLE, "upstream could not resume the blob",
-                                 status=503)
-        log.warning("blob.continued_uncached", upstream=target.upstream,
-                    repository=target.repository, digest=str(digest), offset=start)
+        client = self._upstreams[target.upstream]
         want = end - start
-        async with contextlib.aclosing(source.chunks) as chunks:
-            async for chunk in chunks:
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk, skip = chunk[skip:], 0
-                chunk = chunk[:want]
-                want -= len(chunk)
-                if chunk:
-                    yield chunk
-                if want <= 0:
-                    return
+        async with client.open_blob(target.repository, digest, start, end) as body:
+            skip = start - body.start  # upstream ignored the range: drop what was sent
+            log.warning("blob.continued_uncached", upstream=target.upstream,
+                        repository=target.repository, digest=str(digest), offset=start)
+            async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
+                async for chunk in chunks:
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    chunk = chunk[:want]
+                    want -= len(chunk)
+                    if chunk:
+                        yield chunk
+                    if want <= 0:
+                        return
         if want > 0:
             raise DownloadFailed(ErrorCode.UNAVAILABLE, "upstream body ended early", status=503)
 
-    async def _passthrough(self, target: Target, digest: Digest,
-                           range_header: str | None) -> PassthroughBlob:
-        client = self._upstreams[target.upstream]
-        headers = {"Range": range_header} if range_header else {}
-        cm = client.open("GET", f"/v2/{target.repository}/blobs/{digest}", target.repository,
-                         headers)
-        resp = await cm.__aenter__()
-        if resp.status not in (200, 206):
-            try:
-                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
-            finally:
-                await cm.__aexit__(None, None, None)
-
-        async def chunks() -> AsyncGenerator[bytes]:
-            try:
-                async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
-                    yield chunk
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise DownloadFailed(ErrorCode.UNAVAILABLE, f"upstream body broke: "
-                                     f"{type(exc).__name__}", status=503) from None
-            finally:
-                await cm.__aexit__(None, None, None)
-
-        return PassthroughBlob(digest, resp.content_length, resp.status,
-                               resp.headers.get("Content-Range"), chunks())
+    def _passthrough(self, target: Target, digest: Digest,
+                     range_header: str | None) -> PassthroughBlob:
+        offset, end = _single_range(range_header)
+        body = self._upstreams[target.upstream].open_blob(target.repository, digest, offset,
+                                                          end)
+        return PassthroughBlob(digest, body)
 
     async def aclose(self) -> None:
         for t in list(self._tasks):
@@ -521,17 +494,18 @@ class BlobService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _pump(resp: aiohttp.ClientResponse, w: BlobWriter, dl: Download) -> str | None:
+async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
     """Copy an upstream body into the writer; None when it ended, else why it broke."""
     broke: str | None = None
     try:
-        async for chunk in resp.content.iter_chunked(UPSTREAM_CHUNK):
-            await w.write(chunk)
-            if w.size != dl.written:
-                dl.written = w.size
-                dl.notify()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        broke = type(exc).__name__
+        async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
+            async for chunk in chunks:
+                await w.write(chunk)
+                if w.size != dl.written:
+                    dl.written = w.size
+                    dl.notify()
+    except UpstreamBodyBroken as exc:
+        broke = exc.reason
     await w.flush()
     dl.written = w.size
     dl.notify()
@@ -540,9 +514,20 @@ async def _pump(resp: aiohttp.ClientResponse, w: BlobWriter, dl: Download) -> st
     return broke
 
 
-def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
-    value = resp.headers.get("Content-Range", "")
-    return value.startswith(f"bytes {offset}-")
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def _single_range(header: str | None) -> tuple[int, int | None]:
+    """(offset, end-exclusive or None) of a ``bytes=a-b`` or ``bytes=a-`` request; any other
+    form (suffix, several ranges, malformed) asks for the whole blob, as RFC 9110 allows."""
+    m = _RANGE.fullmatch((header or "").strip())
+    if m is None:
+        return 0, None
+    offset = int(m.group(1))
+    if not m.group(2):
+        return offset, None
+    last = int(m.group(2))
+    return (offset, last + 1) if last >= offset else (0, None)
 
 
 class _StorageFailed(OCIError):

@@ -6,7 +6,6 @@ import asyncio
 import time
 from dataclasses import dataclass, replace
 
-import aiohttp
 import structlog
 from cachetools import LRUCache
 
@@ -18,11 +17,10 @@ from mirrorcache.oci import media
 from mirrorcache.oci.digest import digest_of
 from mirrorcache.oci.reference import Digest, Reference
 from mirrorcache.proxy.routing import Target
-from mirrorcache.proxy.upstreams import Upstreams, relay_error
+from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import BlobStore, StorageError
 from mirrorcache.storage.metadata import Metadata, TagRecord
-from mirrorcache.upstream.body import BodyRefused, read_capped
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
@@ -215,18 +213,8 @@ class ManifestService:
         """Ask upstream what the tag is now: a HEAD (free on Docker Hub), then a GET by
         digest only when the digest changed or its content is not cached."""
         client = self._upstreams[target.upstream]
-        path = f"/v2/{target.repository}/manifests/{tag}"
-        async with client.open("HEAD", path, target.repository,
-                               {"Accept": media.DEFAULT_ACCEPT}) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
-            header = resp.headers.get("Docker-Content-Digest")
-        new_digest: Digest | None = None
-        if header:
-            try:
-                new_digest = Digest.parse(header)
-            except OCIError:
-                new_digest = None
+        info = await client.head_manifest(target.repository, tag, media.DEFAULT_ACCEPT)
+        new_digest = info.digest
         if new_digest is not None:
             # Upstream just said this repository's tag is this digest: it may see it.
             cached = await self._cached(target, new_digest, "hit" if rec is not None
@@ -254,19 +242,9 @@ class ManifestService:
                      expect: Digest | None, cache: str = "miss") -> ManifestResult:
         """GET a manifest from upstream, verify its digest, store it."""
         client = self._upstreams[target.upstream]
-        path = f"/v2/{target.repository}/manifests/{reference}"
-        async with client.open("GET", path, target.repository, {"Accept": accept}) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
-            try:
-                body = await read_capped(resp, media.MAX_MANIFEST_BYTES, "manifest")
-            except BodyRefused as exc:
-                raise OCIError(ErrorCode.MANIFEST_INVALID, f"upstream {exc}", status=502) from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
-            header = resp.headers.get("Docker-Content-Digest")
-            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        want = expect or (Digest.parse(header) if header else None)
+        manifest = await client.get_manifest(target.repository, reference, accept)
+        body, content_type = manifest.body, manifest.media_type
+        want = expect or manifest.digest
         actual = digest_of(body, want.algorithm if want else "sha256")
         if want is not None and actual != want:
             log.error("manifest.digest_mismatch", upstream=target.upstream,
@@ -283,14 +261,11 @@ class ManifestService:
     async def _head_upstream(self, target: Target, reference: str, accept: str | None
                              ) -> ManifestResult:
         client = self._upstreams[target.upstream]
-        path = f"/v2/{target.repository}/manifests/{reference}"
-        async with client.open("HEAD", path, target.repository,
-                               {"Accept": accept or media.DEFAULT_ACCEPT}) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
-            digest = Digest.parse(resp.headers.get("Docker-Content-Digest", reference))
-            mt = resp.headers.get("Content-Type", media.OCI_MANIFEST)
-            return ManifestResult(digest, mt, resp.content_length or 0, None, "relay")
+        info = await client.head_manifest(target.repository, reference,
+                                          accept or media.DEFAULT_ACCEPT)
+        digest = info.digest or Digest.parse(reference)
+        return ManifestResult(digest, info.media_type or media.OCI_MANIFEST, info.size or 0,
+                              None, "relay")
 
     async def wait_background(self) -> None:
         """Wait for background tag refreshes started so far (tests, shutdown)."""

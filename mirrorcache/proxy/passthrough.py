@@ -6,14 +6,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from mirrorcache.config import UpstreamConfig
 from mirrorcache.errors import ErrorCode, OCIError
+from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
-from mirrorcache.proxy.upstreams import Upstreams, relay_error
-from mirrorcache.upstream.body import MAX_LISTING_BYTES, BodyRefused, read_capped
-from mirrorcache.upstream.client import UpstreamUnavailable
+from mirrorcache.proxy.upstreams import Upstreams
+from mirrorcache.upstream.registry import RegistryClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,29 +31,20 @@ class PassthroughService:
         self._upstreams = upstreams
         self._configs = configs
 
-    async def relay(self, target: Target, suffix: str, params: Mapping[str, str],
-                    default_code: ErrorCode) -> Relayed:
+    def _client(self, target: Target) -> RegistryClient:
         if self._configs[target.upstream].offline:
             raise OCIError(ErrorCode.UNAVAILABLE,
                            f"upstream {target.upstream} is offline", status=503)
-        client = self._upstreams[target.upstream]
-        path = f"/v2/{target.repository}/{suffix}"
-        async with client.open("GET", path, target.repository, {"Accept": "application/json, "
-                               "application/vnd.oci.image.index.v1+json"}, params) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, default_code)
-            try:
-                body = await read_capped(resp, MAX_LISTING_BYTES, "upstream listing")
-            except BodyRefused as exc:
-                raise OCIError(ErrorCode.UNKNOWN, f"upstream {exc}", status=502) from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamUnavailable(target.upstream, type(exc).__name__) from None
-            return Relayed(
-                status=200,
-                body=body,
-                content_type=resp.headers.get("Content-Type", "application/json"),
-                link=resp.headers.get("Link"),
-            )
+        return self._upstreams[target.upstream]
+
+    async def tags(self, target: Target, params: Mapping[str, str]) -> Relayed:
+        listing = await self._client(target).list_tags(target.repository, params)
+        return Relayed(200, listing.body, listing.content_type, listing.link)
+
+    async def referrers(self, target: Target, digest: Digest, params: Mapping[str, str]
+                        ) -> Relayed:
+        listing = await self._client(target).referrers(target.repository, digest, params)
+        return Relayed(200, listing.body, listing.content_type, listing.link)
 
 
 def paginate_tags(relayed: Relayed, params: Mapping[str, str]) -> tuple[Relayed, str | None]:

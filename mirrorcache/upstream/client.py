@@ -149,6 +149,7 @@ class UpstreamClient:
         # At most max_connections requests in flight; a wait for a slot is bounded by
         # pool_timeout and is the mirror's business, never an upstream failure.
         self._slots = asyncio.Semaphore(cfg.max_connections)
+        self._in_flight = 0
         self._realms = RealmPolicy(cfg.url, cfg.token_realms)
         self._refused_realms: set[str] = set()
         self._basic = basic_auth_header(cfg.username, cfg.password) if cfg.username else None
@@ -326,10 +327,17 @@ class UpstreamClient:
                         waited_s=self.cfg.pool_timeout)
             raise UpstreamBusy(self.name, self.cfg.max_connections,
                                self.cfg.pool_timeout) from None
+        self._in_flight += 1
         try:
             yield
         finally:
+            self._in_flight -= 1
             self._slots.release()
+
+    @property
+    def in_flight(self) -> int:
+        """Connection slots in use: requests sent or being sent, bodies not yet released."""
+        return self._in_flight
 
     @asynccontextmanager
     async def open(

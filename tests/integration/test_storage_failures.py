@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from mirrorcache.api.services import SERVICES
+from mirrorcache.connections import CONNECTIONS
 from mirrorcache.oci.reference import Digest
 from mirrorcache.storage.base import StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore, FsBlobWriter
@@ -90,11 +92,11 @@ class InjectedStore(FilesystemBlobStore):
 
 
 @asynccontextmanager
-async def mirror_with(tmp_path: Path, upstream_url: str, store: Any = None, chunk: int = 16384
-                      ) -> AsyncIterator[tuple[Mirror, CountingProxy]]:
+async def mirror_with(tmp_path: Path, upstream_url: str, store: Any = None, chunk: int = 16384,
+                      **mirror_kw: Any) -> AsyncIterator[tuple[Mirror, CountingProxy]]:
     async with CountingProxy(upstream_url, chunk_size=chunk) as proxy:
         raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
-        async with Mirror(raw, store=store) as mirror:
+        async with Mirror(raw, store=store, **mirror_kw) as mirror:
             yield mirror, proxy
 
 
@@ -131,6 +133,61 @@ async def test_claim_publish_failing_bypasses_instead_of_500(
         await _assert_degraded(mirror, "storage")
         assert proxy.count("GET", "blob") == 2  # the aborted cache fetch, then the bypass
         assert _tmp_files(tmp_path) == []
+
+
+async def test_client_gone_before_bypass_headers_releases_the_upstream(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bypass mode, and the client disconnects while upstream is still answering: the
+    response is never prepared, and the upstream body (and its connection slot) must still
+    be released, not held until the process ends."""
+    img = make_image([200_000, 300_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    first, second = img.layers
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise ENOSPC
+
+    # As the production server runs: a handler is not cancelled when its client goes.
+    async with mirror_with(tmp_path, registry.url, handler_cancellation=False) as (mirror,
+                                                                                   proxy):
+        monkeypatch.setattr("mirrorcache.storage.fs.os.pwrite", pwrite)
+        status, _, body = await get(f"{mirror.url}/v2/{unique_repo}/blobs/{first.digest}")
+        assert status == 200 and body == first.data  # storage failed: now in bypass
+        client = mirror.app[SERVICES].blobs._upstreams["docker.io"].http
+        guard = mirror.app[CONNECTIONS]
+        assert client.in_flight == 0
+        proxy.reset()
+        gate = asyncio.Event()
+        proxy.add_fault(Fault.hold(gate, kind="blob", method="GET"))
+
+        def note_slots(logger: Any, name: str, event: Any) -> Any:
+            if event["event"] == "request.finished":
+                event["upstream_in_flight"] = client.in_flight
+            return event
+
+        host, port = mirror.host.split(":")
+        with capture_logs(processors=[note_slots]) as logs:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET /v2/{unique_repo}/blobs/{second.digest} HTTP/1.1\r\n"
+                         f"Host: {mirror.host}\r\n\r\n".encode())
+            await writer.drain()
+            await until(lambda: proxy.count("GET", "blob") == 1 and client.in_flight == 1)
+            writer.close()
+            await writer.wait_closed()
+            await until(lambda: guard.total == 0)  # the mirror saw the client go
+            gate.set()  # upstream answers now, to a request nobody waits for
+            await until(lambda: any(e["event"] == "request.finished" for e in logs))
+        finished = [e for e in logs if e["event"] == "request.finished"]
+        # Released by the handler itself, not later by garbage collection of its generator.
+        assert [(e["error"], e["bytes"], e["upstream_in_flight"]) for e in finished] == [
+            ("client_disconnected", 0, 0)]
+        assert client.in_flight == 0
+        assert proxy.count("GET", "blob") == 1 and await reader.read() == b""
+        # The slot is really free: the next bypass request is served whole.
+        status, _, body = await get(f"{mirror.url}/v2/{unique_repo}/blobs/{second.digest}")
+        assert status == 200 and body == second.data
+        assert proxy.count("GET", "blob") == 2 and client.in_flight == 0
 
 
 async def test_disk_full_mid_stream_finishes_every_client(

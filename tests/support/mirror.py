@@ -31,9 +31,16 @@ def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]],
 
 
 class _Server(TestServer):
-    """The test server with the production runner (connections counted by the app)."""
+    """The test server with the production runner (connections counted by the app).
+
+    aiohttp's test server cancels a handler whose client disconnects; the production server
+    (``server.py``) does not, and with ``handler_cancellation=False`` neither does this one.
+    """
+
+    handler_cancellation = True
 
     async def _make_runner(self, **kwargs: Any) -> GuardedAppRunner:
+        kwargs["handler_cancellation"] = self.handler_cancellation
         return GuardedAppRunner(self.app, **kwargs)
 
 
@@ -41,10 +48,12 @@ class Mirror:
     """``async with Mirror(raw_config) as m:`` -> a serving mirror at ``m.url`` / ``m.host``."""
 
     def __init__(self, raw: dict[str, Any], environ: dict[str, str] | None = None,
-                 store: BlobStore | None = None, **app_kw: Any) -> None:
+                 store: BlobStore | None = None, *, handler_cancellation: bool = True,
+                 **app_kw: Any) -> None:
         self.config: Config = parse_config(raw, environ or {})
         self.app: web.Application = create_app(self.config, store=store, **app_kw)
         self._server = _Server(self.app, host="127.0.0.1")
+        self._server.handler_cancellation = handler_cancellation
 
     @property
     def host(self) -> str:

@@ -1,0 +1,259 @@
+"""One upstream registry as typed operations: the remote side of the pull-through proxy.
+
+Modelled on Distribution's ``registry/proxy/proxyblobstore.go``, whose remote side is a blob
+service (``Stat``, ``Open``): the proxy asks for blobs, manifests and listings and gets typed
+answers, never HTTP responses. URL building, relaying upstream errors as ``OCIError``, bounded
+body reads and the mapping of transport failures to typed errors all happen here, on top of
+:class:`~mirrorcache.upstream.client.UpstreamClient` (auth, retries, breaker, deadlines,
+connection slots).
+
+Every body is owned by an ``async with`` block: the upstream response (and its connection
+slot) is released when that block exits, on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirrorcache.errors import ErrorCode, OCIError, error_from_upstream
+from mirrorcache.oci.media import MAX_MANIFEST_BYTES
+from mirrorcache.oci.reference import Digest
+from mirrorcache.upstream.body import (
+    MAX_ERROR_BODY,
+    MAX_LISTING_BYTES,
+    BodyRefused,
+    read_capped,
+)
+from mirrorcache.upstream.breaker import CircuitBreaker
+from mirrorcache.upstream.client import UpstreamClient, UpstreamUnavailable
+
+#: Longest wait for an error body; a non-blob error body is already within request_timeout.
+ERROR_BODY_TIMEOUT = 10.0
+#: What listings (tags/list, referrers) are asked for as.
+LISTING_ACCEPT = "application/json, application/vnd.oci.image.index.v1+json"
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class UpstreamBodyBroken(OCIError):
+    """The upstream body stopped before its end (connection cut, read timeout): the bytes
+    already received are good, and the caller may resume from where it stands."""
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(ErrorCode.UNAVAILABLE, f"upstream body broke: {reason}", status=503)
+
+
+class UpstreamRangeRefused(OCIError):
+    """A partial answer whose ``Content-Range`` is missing or not the range asked for."""
+
+    def __init__(self, upstream: str, detail: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE,
+                         f"upstream {upstream} answered a range badly: {detail}",
+                         status=503)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteBlob:
+    """What upstream says of a blob (``size`` None if it sent no length)."""
+
+    digest: Digest
+    size: int | None
+
+
+class BlobBody:
+    """An upstream blob body being received, from byte ``start``.
+
+    ``size`` is the blob's total size (None if unknown), ``length`` the bytes this body
+    carries (None if unknown), ``partial`` whether it is a range rather than the whole blob.
+    A range asked for and answered in full (``partial`` False, ``start`` 0) is the caller's
+    to skip into.
+    """
+
+    def __init__(self, upstream: str, digest: Digest, resp: aiohttp.ClientResponse, *,
+                 size: int | None, start: int, length: int | None, partial: bool) -> None:
+        self.upstream = upstream
+        self.digest = digest
+        self.size = size
+        self.start = start
+        self.length = length
+        self.partial = partial
+        self._resp = resp
+
+    @property
+    def content_range(self) -> str | None:
+        """The ``Content-Range`` value describing this body, if it is a range."""
+        if not self.partial or self.length is None:
+            return None
+        total = "*" if self.size is None else str(self.size)
+        return f"bytes {self.start}-{self.start + self.length - 1}/{total}"
+
+    async def chunks(self, chunk_size: int) -> AsyncGenerator[bytes]:
+        """The body's bytes as they arrive; a transport failure is ``UpstreamBodyBroken``."""
+        try:
+            async for chunk in self._resp.content.iter_chunked(chunk_size):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    """Upstream's answer to a manifest HEAD: each field None when upstream did not say
+    (or said something unparsable)."""
+
+    digest: Digest | None
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest as upstream sent it: ``digest`` from its Docker-Content-Digest header (not
+    yet checked against ``body``), ``media_type`` from its Content-Type ("" if none)."""
+
+    body: bytes
+    digest: Digest | None
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A tag list or referrers index, relayed as upstream sent it."""
+
+    body: bytes
+    content_type: str
+    link: str | None
+
+
+async def relay_error(resp: aiohttp.ClientResponse, default_code: ErrorCode) -> OCIError:
+    """Turn an upstream error response into an OCIError (reads at most ``MAX_ERROR_BODY``
+    bytes, for at most ``ERROR_BODY_TIMEOUT``; a body that does not come is no body)."""
+    try:
+        async with asyncio.timeout(ERROR_BODY_TIMEOUT):
+            body = await read_capped(resp, MAX_ERROR_BODY, "error body", truncate=True)
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    err = error_from_upstream(resp.status, body, default_code)
+    if resp.status in (502, 504):
+        # A gateway in front of the upstream could not reach it (retries are spent): the
+        # upstream is unavailable, as with 503. A 500 stays our 502: it is about the request.
+        err = OCIError(ErrorCode.UNAVAILABLE, err.message, status=503)
+    retry_after = resp.headers.get("Retry-After")
+    if retry_after and resp.status in (429, 503):
+        err.headers["Retry-After"] = retry_after
+    return err
+
+
+def _range_header(offset: int, end: int | None) -> str | None:
+    if offset == 0 and end is None:
+        return None
+    return f"bytes={offset}-{'' if end is None else end - 1}"
+
+
+class RegistryClient:
+    """The typed registry operations of one upstream."""
+
+    def __init__(self, http: UpstreamClient) -> None:
+        self.http = http
+        self.name = http.name
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.http.breaker
+
+    # -- blobs
+    async def stat_blob(self, repo: str, digest: Digest) -> RemoteBlob:
+        """HEAD a blob in ``repo``; not there is the relayed 404 ``BLOB_UNKNOWN``."""
+        async with self.http.open("HEAD", f"/v2/{repo}/blobs/{digest}", repo) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
+            return RemoteBlob(digest, resp.content_length)
+
+    @asynccontextmanager
+    async def open_blob(self, repo: str, digest: Digest, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[BlobBody]:
+        """GET a blob, from ``offset`` to ``end`` (exclusive; None: to its end). A partial
+        answer is checked against the range asked for; a full answer to a range request is
+        a body with ``start`` 0. The response is released when the block exits."""
+        rng = _range_header(offset, end)
+        async with self.http.open("GET", f"/v2/{repo}/blobs/{digest}", repo,
+                                  {"Range": rng} if rng else None) as resp:
+            if resp.status not in (200, 206):
+                raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
+            if resp.status == 200:
+                yield BlobBody(self.name, digest, resp, size=resp.content_length, start=0,
+                               length=resp.content_length, partial=False)
+                return
+            value = resp.headers.get("Content-Range", "")
+            m = _CONTENT_RANGE.fullmatch(value.strip())
+            if m is None:
+                raise UpstreamRangeRefused(self.name, f"Content-Range {value[:80]!r}")
+            first, last = int(m.group(1)), int(m.group(2))
+            if first != offset or last < first:
+                raise UpstreamRangeRefused(self.name, f"asked for {rng}, got {value[:80]!r}")
+            size = None if m.group(3) == "*" else int(m.group(3))
+            yield BlobBody(self.name, digest, resp, size=size, start=first,
+                           length=last - first + 1, partial=True)
+
+    # -- manifests
+    async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestInfo:
+        async with self.http.open("HEAD", f"/v2/{repo}/manifests/{reference}", repo,
+                                  {"Accept": accept}) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
+            header = resp.headers.get("Docker-Content-Digest")
+            digest: Digest | None = None
+            if header:
+                try:
+                    digest = Digest.parse(header)
+                except OCIError:
+                    digest = None
+            return ManifestInfo(digest, resp.headers.get("Content-Type"), resp.content_length)
+
+    async def get_manifest(self, repo: str, reference: str, accept: str) -> Manifest:
+        """GET a manifest, read whole up to ``MAX_MANIFEST_BYTES`` (larger, or encoded:
+        502 ``MANIFEST_INVALID``). A malformed digest header is ``DIGEST_INVALID``."""
+        async with self.http.open("GET", f"/v2/{repo}/manifests/{reference}", repo,
+                                  {"Accept": accept}) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, ErrorCode.MANIFEST_UNKNOWN)
+            try:
+                body = await read_capped(resp, MAX_MANIFEST_BYTES, "manifest")
+            except BodyRefused as exc:
+                raise OCIError(ErrorCode.MANIFEST_INVALID, f"upstream {exc}", status=502) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+            header = resp.headers.get("Docker-Content-Digest")
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return Manifest(body, Digest.parse(header) if header else None, content_type)
+
+    # -- listings
+    async def list_tags(self, repo: str, params: Mapping[str, str]) -> Listing:
+        """``tags/list``; an unknown repository is the relayed ``NAME_UNKNOWN``."""
+        return await self._listing(repo, "tags/list", params, ErrorCode.NAME_UNKNOWN)
+
+    async def referrers(self, repo: str, digest: Digest, params: Mapping[str, str]
+                        ) -> Listing:
+        return await self._listing(repo, f"referrers/{digest}", params, ErrorCode.MANIFEST_UNKNOWN)
+
+    async def _listing(self, repo: str, suffix: str, params: Mapping[str, str],
+                       default_code: ErrorCode) -> Listing:
+        async with self.http.open("GET", f"/v2/{repo}/{suffix}", repo,
+                                  {"Accept": LISTING_ACCEPT}, params) as resp:
+            if resp.status != 200:
+                raise await relay_error(resp, default_code)
+            try:
+                body = await read_capped(resp, MAX_LISTING_BYTES, "upstream listing")
+            except BodyRefused as exc:
+                raise OCIError(ErrorCode.UNKNOWN, f"upstream {exc}", status=502) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+            return Listing(body, resp.headers.get("Content-Type", "application/json"),
+                           resp.headers.get("Link"))
