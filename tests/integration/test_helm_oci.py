@@ -50,6 +50,7 @@ async def test_helm_chart_push_then_pull_through_mirror(
         registry: RegistryProcess, tmp_path: Path, unique_repo: str) -> None:
     package = await run_helm(tmp_path, "package", str(CHART), "-d", str(tmp_path / "pkg"))
     packaged = Path(package.stdout.strip().rsplit(": ", 1)[1])
+    chart_bytes = await asyncio.to_thread(packaged.read_bytes)
     repo = f"{unique_repo}/charts"
     pushed = await run_helm(tmp_path, "push", str(packaged), f"oci://{registry.host}/{repo}",
                       "--plain-http")
@@ -69,7 +70,7 @@ async def test_helm_chart_push_then_pull_through_mirror(
                 out = pulled.stdout + pulled.stderr
                 assert f"Digest: {digest.group(1)}" in out, out
                 (tgz,) = dest.glob("*.tgz")
-                assert tgz.read_bytes() == packaged.read_bytes()
+                assert await asyncio.to_thread(tgz.read_bytes) == chart_bytes
                 if attempt == "cold":
                     blobs = upstream.count("GET", "blob")
                     assert blobs == 2  # the config and the chart layer, once each
@@ -91,4 +92,4 @@ async def test_helm_chart_push_then_pull_through_mirror(
                 async with http.get(f"{mirror.url}/v2/charts.example.com/{repo}/mirrorcache/"
                                     f"blobs/{layer['digest']}") as resp:
                     assert resp.status == 200
-                    assert await resp.read() == packaged.read_bytes()
+                    assert await resp.read() == chart_bytes

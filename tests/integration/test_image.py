@@ -82,6 +82,7 @@ async def test_image_pulls_through_read_only_non_root_and_stops_cleanly(
             "run", "-d", "--name", name, "--network", "host", "--read-only",
             "--tmpfs", "/tmp", "--user", "10001:10001", "--stop-timeout", str(STOP_GRACE),
             "--health-interval", "1s", "--health-start-period", "0s",
+            "-e", f"MIRRORCACHE_HEALTH_URL=http://127.0.0.1:{port}/healthz",
             "-v", f"{volume}:/var/lib/mirrorcache",
             "-v", f"{config}:/etc/mirrorcache/mirrorcache.yaml:ro",
             mirrorcache_image)

@@ -7,9 +7,10 @@ runs ``debootstrap --variant=minbase bookworm`` from the Debian mirror this mach
 
 :class:`Dockerd` starts ``dockerd`` with its own data root, exec root, unix socket and pid
 file, without iptables or a bridge (containers use ``--network host``) on the overlay2
-storage driver (vfs where the kernel lacks overlayfs), and stops it again. :func:`wheelhouse` builds the project's wheels on the host (whose
-pip reaches the package index), and :class:`WheelServer` serves them on loopback so that
-``docker build --network host`` installs from them without the index.
+storage driver (vfs where the kernel lacks overlayfs), and stops it again.
+:func:`wheelhouse` builds the project's wheels on the host (whose pip reaches the package
+index), and :class:`WheelServer` serves them on loopback so that ``docker build --network
+host`` installs from them without the index.
 """
 
 from __future__ import annotations
@@ -215,10 +216,13 @@ def wheelhouse(dest: Path, extras: str = "speed") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    subprocess.run([*pip, "wheel", "-q", "--wheel-dir", str(dest), f"{REPO}[{extras}]"],
-                   check=True, timeout=600, env=env)
-    subprocess.run([*pip, "download", "-q", "--only-binary=:all:", "--dest", str(dest),
-                    "setuptools>=68", "wheel"], check=True, timeout=600, env=env)
+    for args in (["wheel", "--wheel-dir", str(dest), f"{REPO}[{extras}]"],
+                 ["download", "--only-binary=:all:", "--dest", str(dest),
+                  "setuptools>=68", "wheel"]):
+        proc = subprocess.run([*pip, *args], capture_output=True, text=True, timeout=600,
+                              env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip {args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
     return dest
 
 
