@@ -28,7 +28,8 @@ from tests.support.registry import RegistryProcess
 from tests.support.secure import TestCA, write_htpasswd
 from tests.support.skopeo import SkopeoError, copied_blob_digests, manifest_digest, skopeo_copy
 
-pytestmark = pytest.mark.integration
+# The first test builds the image (debootstrap on a cold cache, then docker build).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 async def test_rendered_deployment_runs_in_image(

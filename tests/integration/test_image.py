@@ -24,7 +24,8 @@ from tests.support.ports import free_port
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import copied_blob_digests, manifest_digest, skopeo_copy
 
-pytestmark = pytest.mark.integration
+# The first test builds the image (debootstrap on a cold cache, then docker build).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 STOP_GRACE = 20
 
