@@ -122,3 +122,44 @@ async def test_rendered_deployment_runs_in_image(
         finally:
             dockerd.docker("rm", "-f", name, check=False)
             dockerd.docker("volume", "rm", "-f", volume, check=False)
+
+
+async def test_node_config_daemonset_runs_in_image(
+        dockerd: Dockerd, mirrorcache_image: str, tmp_path: Path) -> None:
+    """The DaemonSet's container (its command, user, read-only root, no capabilities) writes
+    hosts.toml into the directory mounted where the node's certs.d would be."""
+    if helm_binary() is None:
+        pytest.skip("helm not installed")
+    manifests = helm_template([CHART / "ci" / "nodeconfig-values.yaml"])
+    ds = find(manifests, "DaemonSet")["spec"]["template"]["spec"]
+    (container,) = ds["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config = tmp_path / "node-config"
+    config.mkdir()
+    for key, value in find(manifests, "ConfigMap", "mc-mirrorcache-node-config")["data"].items():
+        (config / key).write_text(value)
+        (config / key).chmod(0o644)
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    sc = container["securityContext"]
+    name = f"mc-node-{uuid.uuid4().hex[:8]}"
+    dockerd.docker("run", "-d", "--name", name, "--network", "none",
+                   "--user", str(sc["runAsUser"]), "--read-only",
+                   *[a for cap in sc["capabilities"]["drop"] for a in ("--cap-drop", cap)],
+                   "--security-opt", "no-new-privileges",
+                   "-v", f"{config}:{mounts['node-config']}:ro",
+                   "-v", f"{certs}:{mounts['certs-d']}",
+                   "--entrypoint", container["command"][0], mirrorcache_image,
+                   *container["command"][1:])
+    try:
+        deadline = time.monotonic() + 30
+        while not (certs / "quay.io" / "hosts.toml").exists():
+            assert time.monotonic() < deadline, dockerd.docker("logs", name).stderr
+            assert inspect(dockerd, name)["State"]["Running"], dockerd.docker("logs", name)
+            await asyncio.sleep(0.1)
+        assert sorted(p.name for p in certs.iterdir()) == ["docker.io", "quay.io"]
+        assert (certs / "docker.io" / "hosts.toml").read_text() == \
+            (config / "docker.io.hosts.toml").read_text()
+        assert inspect(dockerd, name)["State"]["Running"]  # it stays, to follow changes
+    finally:
+        dockerd.docker("rm", "-f", name, check=False)
