@@ -19,8 +19,12 @@ def commands() -> tuple[dockerfile.Command, ...]:
 
 
 def test_base_images_are_pinned(commands: tuple[dockerfile.Command, ...]) -> None:
+    """Every stage starts from the BASE_IMAGE build arg, whose default is a pinned tag."""
     bases = [c.value[0] for c in commands if c.cmd == "FROM"]
-    assert bases and all(":" in b and not b.endswith(":latest") for b in bases)
+    assert len(bases) >= 2 and all(b == "${BASE_IMAGE}" for b in bases)
+    defaults = [c.value[0] for c in commands if c.cmd == "ARG" and "=" in c.value[0]
+                and c.value[0].startswith("BASE_IMAGE=")]
+    assert defaults == ["BASE_IMAGE=python:3.11-slim-bookworm"]
 
 
 def test_runs_as_non_root_with_healthcheck(commands: tuple[dockerfile.Command, ...]) -> None:
@@ -29,7 +33,7 @@ def test_runs_as_non_root_with_healthcheck(commands: tuple[dockerfile.Command, .
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(c.cmd == "HEALTHCHECK" and "/healthz" in c.original for c in final)
     assert [c.value for c in final if c.cmd == "EXPOSE"] == [("5000",)]
-    assert [c.value for c in final if c.cmd == "ENTRYPOINT"] == [("mirrorcache",)]
+    assert [c.value for c in final if c.cmd == "ENTRYPOINT"] == [("tini", "--", "mirrorcache")]
 
 
 def test_no_shell_form_pitfalls(commands: tuple[dockerfile.Command, ...]) -> None:
