@@ -15,6 +15,7 @@ from tests.support.images import make_image, push_image
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -98,8 +99,11 @@ async def test_coalescing_across_two_worker_processes(
     img = make_image([8_000_000], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     layer = img.layers[0]
+    gate = asyncio.Event()
     async with CountingProxy(registry.url) as proxy:
-        proxy.add_fault(Fault.hang(0.5, kind="blob", method="GET"))
+        # The upstream body is held until the other worker is seen following the fetch, so
+        # the test does not depend on how fast each worker gets its connections.
+        proxy.add_fault(Fault.hold(gate, kind="blob", method="GET"))
         raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}}, event_loop=event_loop)
         async with MirrorProcess(raw, tmp_path / "proc", workers=2) as m:
             url = f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}"
@@ -108,7 +112,12 @@ async def test_coalescing_across_two_worker_processes(
             for batch in range(2):
                 async with aiohttp.ClientSession(
                         connector=aiohttp.TCPConnector(force_close=True)) as http:
-                    results += await asyncio.gather(*(fetch(http, url) for _ in range(10)))
+                    pulls = asyncio.gather(*(fetch(http, url) for _ in range(10)))
+                    if batch == 0:
+                        await wait_until(lambda: m.events("blob.following_peer"), timeout=30,
+                                         what="the second worker following the fetch")
+                        gate.set()
+                    results += await pulls
                 if batch == 0:
                     assert proxy.count("GET", "blob") == 1
             assert all(s == 200 and b == layer.data for s, b in results)
