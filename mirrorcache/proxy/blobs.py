@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 import structlog
@@ -32,8 +32,10 @@ from mirrorcache.storage.base import (
     BlobStore,
     BlobWriter,
     DigestMismatch,
-    InflightClaim,
+    FetchClaim,
+    FetchClaims,
     StorageError,
+    blob_claim_key,
 )
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamUnavailable
@@ -170,8 +172,11 @@ class BlobService:
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, metrics: Metrics,
                  gate: RepositoryGate | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 claims: FetchClaims | None = None) -> None:
         self._upstreams = upstreams
+        #: Cross-process single-flight, when the store offers it; else per process only.
+        self._claims = claims
         self._clock = clock  # for the storage-bypass window
         self._configs = configs
         self._store = store
@@ -192,6 +197,11 @@ class BlobService:
     @property
     def inflight(self) -> int:
         return len(self._downloads)
+
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None
+             ) -> AsyncIterator[bytes]:
+        """A committed blob's bytes from the store (for blobs not on local disk)."""
+        return self._store.reader(digest, offset, length)
 
     async def _cached(self, target: Target, digest: Digest) -> CachedBlob | None:
         try:
@@ -287,7 +297,9 @@ class BlobService:
         try:
             while True:
                 try:
-                    claim = self._store.claim(digest)
+                    claim: FetchClaim | None = (
+                        self._claims.claim(blob_claim_key(digest)) if self._claims is not None
+                        else _LocalClaim())
                 except StorageError as exc:
                     self._storage_failed(exc)
                     raise _StorageFailed() from None
@@ -347,7 +359,8 @@ class BlobService:
             if info is not None:
                 await self._adopt_committed(dl, info.size, owner)
                 return False
-            peer = self._store.peer_fetch(dl.digest)
+            assert self._claims is not None  # only claims make a peer to follow
+            peer = self._claims.peer_fetch(blob_claim_key(dl.digest))
             if peer.owner is not None and owner is None:
                 up, _, repo = peer.owner.partition("/")
                 owner = Target(up, repo)
@@ -380,7 +393,7 @@ class BlobService:
                 raise OCIError("UNAVAILABLE", "peer fetch made no progress", status=503)
             await asyncio.sleep(PEER_POLL)
 
-    async def _download(self, dl: Download, claim: InflightClaim) -> None:
+    async def _download(self, dl: Download, claim: FetchClaim) -> None:
         target, digest = dl.target, dl.digest
         client = self._upstreams[target.upstream]
         started = time.monotonic()
@@ -544,6 +557,19 @@ async def _pump(resp: aiohttp.ClientResponse, w: BlobWriter, dl: Download) -> st
 def _range_starts_at(resp: aiohttp.ClientResponse, offset: int) -> bool:
     value = resp.headers.get("Content-Range", "")
     return value.startswith(f"bytes {offset}-")
+
+
+class _LocalClaim:
+    """The claim of a process whose store has no FetchClaims: nobody else to tell."""
+
+    def publish(self, spool: Path | None, size: int | None, owner: str | None = None) -> None:
+        pass
+
+    def fail(self, error: dict[str, Any]) -> None:
+        pass
+
+    def release(self, *, done: bool) -> None:
+        pass
 
 
 class _StorageFailed(OCIError):

@@ -20,7 +20,7 @@ from mirrorcache.oci.reference import Digest, Reference
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
 from mirrorcache.proxy.visibility import RepositoryGate
-from mirrorcache.storage.base import BlobStore, StorageError
+from mirrorcache.storage.base import BlobStore, StorageError, put_bytes, read_bytes
 from mirrorcache.storage.metadata import Metadata, TagRecord
 from mirrorcache.upstream.body import BodyRefused, read_capped
 from mirrorcache.upstream.client import UpstreamUnavailable
@@ -86,7 +86,7 @@ class ManifestService:
             body, declared = memo
         else:
             try:
-                body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
+                body = await read_bytes(self._store, digest, media.MAX_MANIFEST_BYTES)
             except StorageError:
                 return None
             declared = media.declared_media_type(body)
@@ -123,7 +123,7 @@ class ManifestService:
             await self._meta.set_media_type(target.upstream, target.repository, digest,
                                             media_type)
         try:
-            await self._store.put_bytes(digest, body)
+            await put_bytes(self._store, digest, body)
         except StorageError as exc:
             log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
 
