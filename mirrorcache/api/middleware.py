@@ -12,8 +12,9 @@ import time
 import structlog
 from aiohttp import web
 
-from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, RESPONSE_KEY, SENT_KEY, TARGET_KEY
+from mirrorcache.api.handlers import CACHE_KEY, KIND_KEY, TARGET_KEY
 from mirrorcache.api.services import SERVICES
+from mirrorcache.api.streaming import RESPONSE_KEY, SENT_KEY
 from mirrorcache.errors import Handler, is_client_disconnect
 from mirrorcache.log import redact_query
 
