@@ -130,7 +130,7 @@ def create_app(config: Config, *, clean_temp: bool = True,
         coalescer = Coalescer()
         gate = RepositoryGate(configs, meta)
         manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics,
-                                    gate)
+                                    gate, claims=claims)
         blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock,
                             claims=claims)
 
