@@ -20,7 +20,6 @@ from aiohttp.abc import AbstractStreamWriter
 from mirrorcache.api.streaming import RESPONSE_KEY, abort, count_sent, send_chunks
 from mirrorcache.errors import OCIError
 from mirrorcache.proxy.blobs import CacheWriteFailed, Download, DownloadFailed
-from mirrorcache.storage.base import BlobNotFound, StorageError
 
 #: Bytes per read where the event loop cannot sendfile (uvloop).
 FALLBACK_CHUNK = 1 << 18
@@ -158,10 +157,11 @@ class InflightBlobResponse(_RangedBlobResponse):
 
 class StoredBlobResponse(_RangedBlobResponse):
     """A committed blob the store keeps off local disk (no path to sendfile): streamed from
-    ``read(offset, length)`` (the store's reader)."""
+    ``read(offset, length)`` (BlobService.read, over the store's reader; OCIError on
+    failure)."""
 
     def __init__(self, size: int, headers: Mapping[str, str],
-                 read: Callable[[int, int], AsyncIterator[bytes]]) -> None:
+                 read: Callable[[int, int], AsyncGenerator[bytes]]) -> None:
         super().__init__(size, headers)
         self._read = read
 
@@ -169,37 +169,17 @@ class StoredBlobResponse(_RangedBlobResponse):
         if self.prepared:
             return self._writer
         start, end = self._apply_range(request)
-        async with _closing(self._read(start, end - start)) as chunks:
-            try:
-                # The first chunk before the status line: a vanished blob is a clean 404.
-                first = await anext(chunks, b"")
-            except BlobNotFound:
-                raise OCIError("BLOB_UNKNOWN", "blob vanished from storage",
-                               status=404) from None
-            except StorageError as exc:
-                raise OCIError("UNAVAILABLE", f"storage failed: {exc}", status=503) from None
+        async with contextlib.aclosing(self._read(start, end - start)) as chunks:
+            # The first chunk before the status line: a vanished blob or failing storage is
+            # a clean OCI error; later, a failure cuts the response.
+            first = await anext(chunks, b"")
             await self._send_head(request)
             await send_chunks(request, self, _prepend(first, chunks))
         return self._writer
 
 
-@contextlib.asynccontextmanager
-async def _closing(chunks: AsyncIterator[bytes]) -> AsyncIterator[AsyncIterator[bytes]]:
-    """Close a reader (an async generator, usually) however the response ends."""
-    try:
-        yield chunks
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     if first:
         yield first
-    try:
-        async for chunk in rest:
-            yield chunk
-    except StorageError as exc:
-        raise DownloadFailed("UNAVAILABLE", f"storage failed mid-body: {exc}",
-                             status=503) from None
+    async for chunk in rest:
+        yield chunk

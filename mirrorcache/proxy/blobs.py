@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from mirrorcache.proxy.peer import PEER_GRACE, PEER_POLL, PeerFollowing
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams, relay_error
 from mirrorcache.proxy.visibility import RepositoryGate
-from mirrorcache.storage.base import BlobStore, FetchClaims, StorageError
+from mirrorcache.storage.base import BlobNotFound, BlobStore, FetchClaims, StorageError
 from mirrorcache.storage.metadata import Metadata
 
 log = structlog.get_logger("mirrorcache.blobs")
@@ -121,10 +121,18 @@ class BlobService(PeerFollowing):
     def inflight(self) -> int:
         return len(self._downloads)
 
-    def read(self, digest: Digest, offset: int = 0, length: int | None = None
-             ) -> AsyncIterator[bytes]:
-        """A committed blob's bytes from the store (for blobs not on local disk)."""
-        return self._store.reader(digest, offset, length)
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None
+                   ) -> AsyncGenerator[bytes]:
+        """A committed blob's bytes from the store (for blobs not on local disk). Raises
+        OCIError: BLOB_UNKNOWN if it vanished, UNAVAILABLE if storage fails."""
+        try:
+            async for chunk in self._store.reader(digest, offset, length):
+                yield chunk
+        except BlobNotFound:
+            raise OCIError("BLOB_UNKNOWN", f"{digest} vanished from storage",
+                           status=404) from None
+        except StorageError as exc:
+            raise OCIError("UNAVAILABLE", f"storage failed: {exc}", status=503) from None
 
     async def _cached(self, target: Target, digest: Digest) -> CachedBlob | None:
         try:

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mirrorcache.oci.reference import Digest
-from mirrorcache.storage.base import BlobInfo, BlobWriter, FetchClaims, Janitor
+from mirrorcache.storage.base import BlobInfo, BlobWriter, FetchClaims, Janitor, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import make_image, push_image
@@ -33,6 +33,7 @@ class RemoteLikeStore:
     def __init__(self, root: Path) -> None:
         self._fs = FilesystemBlobStore(root)
         self.reads = 0
+        self.fail_reads = False
 
     async def stat(self, digest: Digest) -> BlobInfo | None:
         return await self._fs.stat(digest)
@@ -40,7 +41,13 @@ class RemoteLikeStore:
     def reader(self, digest: Digest, offset: int = 0, length: int | None = None
                ) -> AsyncIterator[bytes]:
         self.reads += 1
+        if self.fail_reads:
+            return self._failing()
         return self._fs.reader(digest, offset, length)
+
+    async def _failing(self) -> AsyncIterator[bytes]:
+        raise StorageError("connection to the object store reset")
+        yield b""  # pragma: no cover
 
     def writer(self, digest: Digest) -> AbstractAsyncContextManager[BlobWriter]:
         return self._fs.writer(digest)
@@ -103,6 +110,12 @@ async def test_blobs_served_from_the_reader_when_not_on_local_disk(
             out = await skopeo_copy(f"docker://{mirror.host}/{unique_repo}:v1", tmp_path / "o")
             assert copied_blob_digests(out.dest_dir) == set(img.blob_digests)
             assert proxy.count("GET", "blob") == 2  # the layer once, and now the config
+            # Storage failing under a stored blob: OCI error JSON before the status line.
+            store.fail_reads = True
+            status, _, body = await get(http, url)
+            assert status == 503 and b"UNAVAILABLE" in body
+            assert proxy.count("GET", "blob") == 2
+            store.fail_reads = False
     got = Digest.parse(layer.digest)
     assert await store.stat(got) == BlobInfo(got, len(data))
     assert "sha256:" + hashlib.sha256(b"".join(
