@@ -114,20 +114,6 @@ class PeerFetch:
     owner: str | None = None
 
 
-class InflightClaim(Protocol):
-    """This process's exclusive claim on fetching a digest, visible to other processes."""
-
-    def publish(self, spool: Path, size: int | None, owner: str | None = None) -> None:
-        """Say where the bytes land, how many there will be and whom they are fetched for.
-        Raises StorageError."""
-
-    def fail(self, error: dict[str, Any]) -> None:
-        """Say why the fetch failed (OCI code, message, status). Raises StorageError."""
-
-    def release(self, *, done: bool) -> None:
-        """Give the claim up (never raises); nothing of it is left behind."""
-
-
 class FetchClaim(Protocol):
     """This process's exclusive claim on fetching something (a blob, a manifest, a tag),
     visible to the other processes sharing the store."""

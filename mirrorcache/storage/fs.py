@@ -181,7 +181,7 @@ class FsBlobWriter:
         self._unlink()
 
 
-class FsInflightClaim:
+class FsFetchClaim:
     """A flock-based claim: this process fetches a digest; other processes on the host tail its
     spool file.
 
@@ -315,7 +315,7 @@ class FilesystemBlobStore:
     def _lock_path(self, key: str) -> Path:
         return self.root / keys.TMP_DIR / keys.claim_file(key)
 
-    def claim(self, key: str) -> FsInflightClaim | None:
+    def claim(self, key: str) -> FsFetchClaim | None:
         """Claim the fetch of ``key`` for this process, or None if another process has it."""
         path = self._lock_path(key)
         while True:
@@ -343,7 +343,7 @@ class FilesystemBlobStore:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 raise StorageError(f"claim {key}: {exc.strerror}") from exc
-            return FsInflightClaim(fd, path)
+            return FsFetchClaim(fd, path)
 
     def peer_fetch(self, key: str) -> PeerFetch:
         """Look at another process's claim on ``key`` (alive=False when nobody holds it)."""
