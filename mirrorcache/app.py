@@ -33,7 +33,7 @@ from mirrorcache.proxy.passthrough import PassthroughService
 from mirrorcache.proxy.routing import Router
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
-from mirrorcache.storage.base import BlobStore, StorageError
+from mirrorcache.storage.base import BlobStore, FetchClaims, Janitor, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamClient
@@ -58,7 +58,7 @@ def _probe_storage(tmp: os.PathLike[str]) -> None:
         os.unlink(name)
 
 
-async def _janitor(store: BlobStore) -> None:
+async def _janitor(store: Janitor) -> None:
     """Periodically remove partial files orphaned by a crashed worker."""
     while True:
         await asyncio.sleep(JANITOR_INTERVAL)
@@ -102,9 +102,12 @@ def create_app(config: Config, *, clean_temp: bool = True,
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         blob_store: BlobStore = store or FilesystemBlobStore(config.storage.filesystem.path)
-        if clean_temp:
+        # The optional capabilities, wired here and nowhere else.
+        claims = blob_store if isinstance(blob_store, FetchClaims) else None
+        janitor_of = blob_store if isinstance(blob_store, Janitor) else None
+        if clean_temp and janitor_of is not None:
             try:
-                await blob_store.cleanup_temp()
+                await janitor_of.cleanup_temp()
             except StorageError as exc:
                 log.error("storage.cleanup_failed", error=str(exc))
         meta = Metadata(config.storage.metadata_path)
@@ -126,8 +129,9 @@ def create_app(config: Config, *, clean_temp: bool = True,
         coalescer = Coalescer()
         gate = RepositoryGate(configs, meta)
         manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics,
-                                    gate)
-        blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock)
+                                    gate, claims=claims)
+        blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock,
+                            claims=claims)
 
         async def ready() -> str | None:
             """None when ready, else why the mirror is degraded (it keeps serving)."""
@@ -149,12 +153,13 @@ def create_app(config: Config, *, clean_temp: bool = True,
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info("app.started", upstreams=sorted(config.upstreams),
                  storage=str(config.storage.filesystem.path), event_loop=loop)
-        janitor = asyncio.create_task(_janitor(blob_store))
+        janitor = asyncio.create_task(_janitor(janitor_of)) if janitor_of is not None else None
         try:
             yield
         finally:
-            janitor.cancel()
-            await asyncio.gather(janitor, return_exceptions=True)
+            if janitor is not None:
+                janitor.cancel()
+                await asyncio.gather(janitor, return_exceptions=True)
             await blobs.aclose()
             await manifests.aclose()
             await coalescer.aclose()

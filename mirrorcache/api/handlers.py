@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import re
-from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -15,26 +12,14 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorcache.api.access import enforce_policy
-from mirrorcache.api.keys import (
-    ABORTED_KEY,
-    CACHE_KEY,
-    KIND_KEY,
-    RESPONSE_KEY,
-    SENT_KEY,
-    TARGET_KEY,
-)
+from mirrorcache.api.inflight import InflightBlobResponse, StoredBlobResponse
+from mirrorcache.api.keys import CACHE_KEY, KIND_KEY, RESPONSE_KEY, TARGET_KEY
 from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
 from mirrorcache.api.services import SERVICES
+from mirrorcache.api.streaming import count_sent, send_chunks
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
-from mirrorcache.proxy.blobs import (
-    UPSTREAM_CHUNK,
-    CachedBlob,
-    CacheWriteFailed,
-    DownloadFailed,
-    InflightBlob,
-    PassthroughBlob,
-)
+from mirrorcache.proxy.blobs import UPSTREAM_CHUNK, CachedBlob, InflightBlob, PassthroughBlob
 from mirrorcache.proxy.passthrough import Relayed, paginate_tags
 from mirrorcache.proxy.routing import Target
 
@@ -43,10 +28,6 @@ log = structlog.get_logger("mirrorcache.api")
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
 
-
-
-def _count_sent(request: web.Request, n: int) -> None:
-    request[SENT_KEY] = request.get(SENT_KEY, 0) + n
 
 
 async def v2(request: web.Request) -> web.StreamResponse:
@@ -148,9 +129,9 @@ class BlobFileResponse(web.FileResponse):
             writer = await super()._sendfile(request, fobj, offset, count)
         except BaseException:
             with contextlib.suppress(OSError, ValueError):
-                _count_sent(request, max(fobj.tell() - offset, 0))  # type: ignore[arg-type]
+                count_sent(request, max(fobj.tell() - offset, 0))
             raise
-        _count_sent(request, count)  # type: ignore[arg-type]
+        count_sent(request, count)
         return writer
 
 
@@ -176,116 +157,32 @@ async def _blob(request: web.Request, target: Target, digest: Digest) -> web.Str
         return web.Response(status=200, headers=headers)
     source = await services.blobs.open(target, digest, request.headers.get("Range"))
     request[CACHE_KEY] = source.cache
-    if isinstance(source, CachedBlob) and source.path is not None:
-        return BlobFileResponse(source.path, chunk_size=1 << 20, headers=_blob_headers(digest))
-    if isinstance(source, InflightBlob):
-        return await _stream_inflight(request, source, target, digest)
-    if isinstance(source, PassthroughBlob):
-        return await _stream_passthrough(request, source)
-    raise OCIError(ErrorCode.UNKNOWN, "blob source not servable", status=500)
+    resp: web.StreamResponse
+    if isinstance(source, CachedBlob):
+        if source.path is not None:
+            return BlobFileResponse(source.path, chunk_size=1 << 20,
+                                    headers=_blob_headers(digest))
+        # Not on local disk (object storage): streamed from the store's reader.
+        resp = StoredBlobResponse(
+            source.size, _blob_headers(digest),
+            lambda offset, length: services.blobs.read(digest, offset, length))
+    elif isinstance(source, InflightBlob):
+        def remainder(start: int, end: int) -> AsyncGenerator[bytes]:
+            request[CACHE_KEY] = "bypass"
+            return services.blobs.remainder(target, digest, start, end)
 
-
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, end-exclusive) of a single-range request, None for the whole body."""
-    if not header:
-        return None
-    m = _RANGE_RE.fullmatch(header.strip())
-    if m is None or (not m.group(1) and not m.group(2)):
-        return None  # unsupported forms (multi-range): whole body, as RFC 9110 allows
-    if m.group(1):
-        start = int(m.group(1))
-        end = int(m.group(2)) + 1 if m.group(2) else size
+        resp = InflightBlobResponse(source.download, _blob_headers(digest), remainder)
     else:
-        start, end = max(size - int(m.group(2)), 0), size
-    end = min(end, size)
-    if start >= size or start >= end:
-        raise OCIError(ErrorCode.RANGE_INVALID, f"range not satisfiable for {size} bytes",
-                       headers={"Content-Range": f"bytes */{size}"})
-    return start, end
-
-
-async def _stream_inflight(request: web.Request, source: InflightBlob, target: Target,
-                           digest: Digest) -> web.StreamResponse:
-    """Send a blob that is still arriving: each verified-safe stretch of the spool file goes
-    out with ``sendfile`` (zero-copy) as soon as it has landed."""
-    dl = source.download
-    size = dl.size
-    assert size is not None
-    rng = _byte_range(request.headers.get("Range"), size)
-    start, end = rng if rng is not None else (0, size)
-    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest))
-    resp.content_length = end - start
-    if rng:
-        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    pos = start
-    try:
-        # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
-        limit = await dl.available(pos, end) if end > start else end
-        f = dl.open_file()
-    except CacheWriteFailed:
-        request[RESPONSE_KEY] = resp
-        await resp.prepare(request)
-        return await _finish_uncached(request, resp, target, digest, pos, end)
-    with f:
-        request[RESPONSE_KEY] = resp
-        await resp.prepare(request)
-        try:
-            while pos < end:
-                if pos >= limit:
-                    limit = await dl.available(pos, end)
-                await _send_file_range(request, resp, f, pos, limit - pos)
-                pos = limit
-        except CacheWriteFailed:
-            return await _finish_uncached(request, resp, target, digest, pos, end)
-        except DownloadFailed as exc:
-            _abort(request, exc)
-            return resp
-    await resp.write_eof()
+        return await _stream_passthrough(request, source)
+    await resp.prepare(request)
     return resp
-
-
-async def _finish_uncached(request: web.Request, resp: web.StreamResponse, target: Target,
-                           digest: Digest, pos: int, end: int) -> web.StreamResponse:
-    """Storage failed under the download: send the rest straight from upstream."""
-    request[CACHE_KEY] = "bypass"
-    rest = request.app[SERVICES].blobs.remainder(target, digest, pos, end)
-    async with contextlib.aclosing(rest):
-        return await _send_chunks(request, resp, rest)
-
-
-async def _send_file_range(request: web.Request, resp: web.StreamResponse, f: BinaryIO,
-                           offset: int, count: int) -> None:
-    """``sendfile`` where the event loop has it (asyncio on Linux), else read and write in
-    bounded chunks (uvloop has no loop.sendfile)."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    try:
-        await asyncio.get_running_loop().sendfile(transport, f, offset, count)
-        _count_sent(request, count)
-        return
-    except NotImplementedError:
-        pass
-    except BaseException:
-        _count_sent(request, max(f.tell() - offset, 0))
-        raise
-    end = offset + count
-    while offset < end:
-        data = os.pread(f.fileno(), min(1 << 18, end - offset), offset)
-        if not data:
-            raise DownloadFailed(ErrorCode.UNKNOWN, "short read of in-flight blob")
-        await resp.write(data)
-        _count_sent(request, len(data))
-        offset += len(data)
 
 
 async def _stream_passthrough(request: web.Request, source: PassthroughBlob
                               ) -> web.StreamResponse:
-    # Entered before anything is sent: the upstream body is released on every path, a
-    # client gone before ``prepare`` included.
+    """Storage is failing: relay upstream's body, uncached. The body is entered before
+    anything is sent, so the upstream response is released on every path, a client gone
+    before ``prepare`` included."""
     async with source.body as body:
         resp = web.StreamResponse(status=206 if body.partial else 200,
                                   headers=_blob_headers(source.digest))
@@ -296,29 +193,7 @@ async def _stream_passthrough(request: web.Request, source: PassthroughBlob
         request[RESPONSE_KEY] = resp
         await resp.prepare(request)
         async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
-            return await _send_chunks(request, resp, chunks)
-
-
-async def _send_chunks(request: web.Request, resp: web.StreamResponse,
-                       chunks: AsyncIterator[bytes]) -> web.StreamResponse:
-    """Write a prepared response's body; a failure mid-body cuts the connection."""
-    try:
-        async for chunk in chunks:
-            await resp.write(chunk)
-            _count_sent(request, len(chunk))
-    except OCIError as exc:  # DownloadFailed, or an upstream refusing the rest of the body
-        _abort(request, exc)
-        return resp
-    await resp.write_eof()
-    return resp
-
-
-def _abort(request: web.Request, exc: OCIError) -> None:
-    """The status line is gone: the only honest signal left is a cut connection."""
-    log.warning("request.aborted", path=request.path, error=exc.code, message=exc.message)
-    request[ABORTED_KEY] = True
-    if request.transport is not None:
-        request.transport.abort()
+            return await send_chunks(request, resp, chunks)
 
 
 def _rewrite_link(link: str | None, target: Target, path: V2Path) -> str | None:

@@ -1,24 +1,20 @@
 """Pull-through blobs: one upstream fetch per digest, tailed by every client that wants it.
 
-A miss starts a :class:`Download`, a task detached from the requesting client: it streams the
-upstream body into a store writer (hashing on the way) and commits only a verified blob.
-Clients, the first one included, read the growing local file from any offset. The last byte is
-held back until the digest is verified, so no client ever receives a complete body whose
-digest is wrong: a failed download ends every reader's response short.
+:class:`BlobService` answers from the cache, else joins the in-flight :class:`Download` of the
+digest (download.py), else starts one, which another worker process may already be doing
+(peer.py). Clients, the first one included, read the growing local file from any offset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 
@@ -26,101 +22,30 @@ from mirrorcache.config import UpstreamConfig
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
+from mirrorcache.proxy.download import (
+    BYPASS_SECONDS,
+    MAX_RESUMES,
+    UPSTREAM_CHUNK,
+    CacheWriteFailed,
+    Download,
+    DownloadFailed,
+    _StorageFailed,
+)
+from mirrorcache.proxy.peer import PEER_GRACE, PEER_POLL, PeerFollowing
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
-from mirrorcache.storage.base import (
-    BlobStore,
-    BlobWriter,
-    DigestMismatch,
-    InflightClaim,
-    StorageError,
-)
+from mirrorcache.storage.base import BlobNotFound, BlobStore, FetchClaims, StorageError
 from mirrorcache.storage.metadata import Metadata
-from mirrorcache.upstream.client import UpstreamUnavailable
-from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
+from mirrorcache.upstream.registry import BlobBody
 
 log = structlog.get_logger("mirrorcache.blobs")
 
-UPSTREAM_CHUNK = 1 << 20
-#: After a storage failure, serve straight from upstream for this long before trying again.
-BYPASS_SECONDS = 30.0
-#: Range requests to resume one broken upstream body before giving up.
-MAX_RESUMES = 3
-#: How often a process tailing another process's fetch looks at its progress.
-PEER_POLL = 0.02
-#: Extra patience, beyond the upstream read timeout, before a silent peer fetch is given up.
-PEER_GRACE = 5.0
-
-
-class DownloadFailed(OCIError):
-    """An upstream blob fetch failed after the response to some clients had begun."""
-
-
-class CacheWriteFailed(DownloadFailed):
-    """Storage failed under an in-flight download: its readers continue straight from
-    upstream (:meth:`BlobService.remainder`) instead of being cut."""
-
-
-class Download:
-    """One in-flight upstream fetch of a blob, readable while it grows."""
-
-    def __init__(self, target: Target, digest: Digest) -> None:
-        self.target = target
-        self.digest = digest
-        self.size: int | None = None
-        self.path: Path | None = None
-        self.final_path: Path | None = None
-        self.written = 0
-        self.done = False
-        self.error: OCIError | None = None
-        self.started = asyncio.Event()
-        self.finished = asyncio.Event()
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
-
-    def readable_until(self) -> int:
-        """Bytes a reader may send now: all once verified, else all but the last."""
-        if self.done:
-            return self.written
-        if self.size is None:
-            return max(self.written - 1, 0)
-        return min(self.written, self.size - 1)
-
-    def open_file(self) -> BinaryIO:
-        """The spool file (or, once committed, the blob), opened for reading; an open file
-        stays valid when the spool is renamed into place."""
-        for path in (self.path, self.final_path):
-            if path is None:
-                continue
-            try:
-                return open(path, "rb", buffering=0)  # the caller closes it
-            except FileNotFoundError:
-                continue
-        if isinstance(self.error, _StorageFailed):
-            raise CacheWriteFailed(self.error.code, self.error.message, status=self.error.status)
-        raise DownloadFailed(ErrorCode.BLOB_UNKNOWN, "in-flight blob vanished", status=500)
-
-    async def available(self, pos: int, stop: int) -> int:
-        """Wait until bytes past ``pos`` (up to ``stop``) may be sent; return how far.
-        Raises DownloadFailed if the download fails first."""
-        while True:
-            changed = self._changed
-            if isinstance(self.error, _StorageFailed):
-                raise CacheWriteFailed(self.error.code, self.error.message,
-                                       status=self.error.status)
-            if self.error is not None:
-                raise DownloadFailed(self.error.code, self.error.message,
-                                     status=self.error.status)
-            limit = min(self.readable_until(), stop)
-            if pos < limit or (self.done and pos >= stop):
-                return limit
-            if self.done:
-                raise DownloadFailed(ErrorCode.UNKNOWN, "in-flight blob shorter than announced")
-            await changed.wait()
+__all__ = [
+    "BYPASS_SECONDS", "MAX_RESUMES", "PEER_GRACE", "PEER_POLL", "UPSTREAM_CHUNK",
+    "BlobService", "BlobSource", "CacheWriteFailed", "CachedBlob", "Download",
+    "DownloadFailed", "InflightBlob", "PassthroughBlob", "RemoteBlobInfo",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +93,17 @@ class RemoteBlobInfo:
 BlobSource = CachedBlob | InflightBlob | PassthroughBlob
 
 
-class BlobService:
+class BlobService(PeerFollowing):
     """Answers blob requests from the cache, fetching each missing digest once."""
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, metrics: Metrics,
                  gate: RepositoryGate | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 claims: FetchClaims | None = None) -> None:
         self._upstreams = upstreams
+        #: Cross-process single-flight, when the store offers it; else per process only.
+        self._claims = claims
         self._clock = clock  # for the storage-bypass window
         self._configs = configs
         self._store = store
@@ -196,6 +124,19 @@ class BlobService:
     @property
     def inflight(self) -> int:
         return len(self._downloads)
+
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None
+                   ) -> AsyncGenerator[bytes]:
+        """A committed blob's bytes from the store (for blobs not on local disk). Raises
+        OCIError: BLOB_UNKNOWN if it vanished, UNAVAILABLE if storage fails."""
+        try:
+            async for chunk in self._store.reader(digest, offset, length):
+                yield chunk
+        except BlobNotFound:
+            raise OCIError(ErrorCode.BLOB_UNKNOWN, f"{digest} vanished from storage",
+                           status=404) from None
+        except StorageError as exc:
+            raise OCIError(ErrorCode.UNAVAILABLE, f"storage failed: {exc}", status=503) from None
 
     async def _cached(self, target: Target, digest: Digest) -> CachedBlob | None:
         try:
@@ -279,182 +220,6 @@ class BlobService:
         task.add_done_callback(self._tasks.discard)
         return dl
 
-    async def _fetch_or_follow(self, dl: Download) -> None:
-        """Fetch the blob, unless another process on this host already is: then tail its
-        spool file (and take over if it dies before sending a byte)."""
-        digest = dl.digest
-        try:
-            while True:
-                try:
-                    claim = self._store.claim(digest)
-                except StorageError as exc:
-                    self._storage_failed(exc)
-                    raise _StorageFailed() from None
-                if claim is not None:
-                    try:
-                        info = await self._store.stat(digest)
-                    except StorageError:
-                        claim.release(done=False)
-                        raise
-                    if info is not None:  # a peer committed it between our look and claim
-                        claim.release(done=True)
-                        await self._adopt_committed(dl, info.size, None)
-                        return
-                    await self._download(dl, claim)
-                    return
-                if not await self._follow_peer(dl):
-                    return
-        except StorageError as exc:
-            self._storage_failed(exc)
-            dl.error = _StorageFailed()
-        except OCIError as exc:
-            dl.error = exc
-            log.warning("blob.fetch_failed", upstream=dl.target.upstream,
-                        repository=dl.target.repository, digest=str(digest), error=exc.code,
-                        message=exc.message, bytes=dl.written)
-        except asyncio.CancelledError:
-            dl.error = OCIError(ErrorCode.UNAVAILABLE, "mirror shutting down", status=503)
-            raise
-        except Exception as exc:
-            dl.error = OCIError(ErrorCode.UNKNOWN, "blob fetch failed", status=500)
-            log.exception("blob.fetch_crashed", digest=str(digest), error=type(exc).__name__)
-        finally:
-            if self._downloads.get(digest) is dl:
-                del self._downloads[digest]
-            dl.started.set()
-            dl.finished.set()
-            dl.notify()
-
-    async def _adopt_committed(self, dl: Download, size: int,
-                               fetched_for: Target | None) -> None:
-        """Serve a blob another process committed: only once ``dl.target`` may see it."""
-        await self._admit(dl.target, dl.digest, fetched_for, size)
-        dl.path = dl.final_path
-        dl.size = dl.written = size
-        dl.done = True
-
-    async def _follow_peer(self, dl: Download) -> bool:
-        """Tail another process's fetch. Returns True when this process should take over."""
-        self._metrics.coalesced.labels("blob_peer").inc()
-        log.info("blob.following_peer", digest=str(dl.digest))
-        loop = asyncio.get_running_loop()
-        idle_limit = self._configs[dl.target.upstream].read_timeout + PEER_GRACE
-        last_progress = loop.time()
-        owner: Target | None = None
-        while True:
-            info = await self._store.stat(dl.digest)
-            if info is not None:
-                await self._adopt_committed(dl, info.size, owner)
-                return False
-            peer = self._store.peer_fetch(dl.digest)
-            if peer.owner is not None and owner is None:
-                up, _, repo = peer.owner.partition("/")
-                owner = Target(up, repo)
-            if not peer.alive:
-                if await self._store.stat(dl.digest) is not None:
-                    continue
-                if peer.error is not None:
-                    raise OCIError(ErrorCode.from_wire(peer.error.get("code")),
-                                   str(peer.error.get("message", "peer fetch failed")),
-                                   status=int(peer.error.get("status", 502)))
-                if dl.written == 0:
-                    log.warning("blob.peer_vanished", digest=str(dl.digest))
-                    return True
-                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch died mid-stream", status=503)
-            if peer.path is not None and dl.path is None:
-                # The peer fetches for its own repository: ours must be allowed to see it.
-                await self._admit(dl.target, dl.digest, owner)
-                dl.path, dl.size = peer.path, peer.size
-                dl.started.set()
-            if dl.path is not None:
-                try:
-                    written = os.stat(dl.path).st_size
-                except OSError:
-                    written = dl.written
-                if written != dl.written:
-                    dl.written = written
-                    last_progress = loop.time()
-                    dl.notify()
-            if loop.time() - last_progress > idle_limit:
-                raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch made no progress", status=503)
-            await asyncio.sleep(PEER_POLL)
-
-    async def _download(self, dl: Download, claim: InflightClaim) -> None:
-        target, digest = dl.target, dl.digest
-        client = self._upstreams[target.upstream]
-        started = time.monotonic()
-        try:
-            try:
-                writer_cm = self._store.writer(digest)
-                w = await writer_cm.__aenter__()
-            except StorageError as exc:
-                self._storage_failed(exc)
-                raise _StorageFailed() from None
-            try:
-                if w.local_path is None:
-                    raise _StorageFailed()
-                dl.path = w.local_path
-                async with client.open_blob(target.repository, digest) as body:
-                    dl.size = body.size
-                    claim.publish(w.local_path, dl.size, str(target))
-                    dl.started.set()
-                    log.info("blob.fetch_started", upstream=target.upstream,
-                             repository=target.repository, digest=str(digest), size=dl.size)
-                    broke = await _pump(body, w, dl)
-                resumes = 0
-                while broke is not None and dl.size is not None and resumes < MAX_RESUMES:
-                    resumes += 1
-                    log.warning("blob.resume", upstream=target.upstream, digest=str(digest),
-                                offset=w.size, size=dl.size, attempt=resumes, error=broke)
-                    async with client.open_blob(target.repository, digest, w.size) as body:
-                        if body.start != w.size:
-                            raise UpstreamUnavailable(target.upstream, "could not resume "
-                                                      f"after {w.size} bytes (whole body sent)")
-                        broke = await _pump(body, w, dl)
-                if broke is not None:
-                    raise UpstreamUnavailable(target.upstream, f"body broke after {w.size} "
-                                              f"bytes: {broke}")
-                if dl.size is not None and w.size != dl.size:
-                    raise UpstreamUnavailable(target.upstream, f"body ended after {w.size} of "
-                                              f"{dl.size} bytes")
-                # Linked before the blob becomes visible, so this repository's own requests
-                # never need upstream to confirm it (upstream just served it for this one).
-                await self._meta.link(target.upstream, target.repository, digest)
-                try:
-                    await w.commit()
-                except DigestMismatch as exc:
-                    log.error("blob.digest_mismatch", upstream=target.upstream,
-                              repository=target.repository, expected=str(digest),
-                              actual=exc.actual, size=exc.size)
-                    raise OCIError(ErrorCode.DIGEST_INVALID,
-                                   f"upstream content does not match {digest}",
-                                   status=502) from None
-            except StorageError as exc:
-                self._storage_failed(exc)
-                raise _StorageFailed() from None
-            finally:
-                try:
-                    await writer_cm.__aexit__(None, None, None)
-                except StorageError as exc:  # cleaning up after a failure failed too
-                    log.warning("storage.cleanup_failed", digest=str(digest), error=str(exc))
-            dl.size = dl.written
-            dl.done = True
-            self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
-            log.info("blob.committed", upstream=target.upstream, repository=target.repository,
-                     digest=str(digest), bytes=dl.written,
-                     duration_ms=round((time.monotonic() - started) * 1000, 1))
-        except OCIError as exc:
-            with contextlib.suppress(StorageError):
-                claim.fail({"code": exc.code, "message": exc.message, "status": exc.status})
-            raise
-        finally:
-            claim.release(done=dl.done)
-
-    def _storage_failed(self, exc: Exception) -> None:
-        self._bypass_until = self._clock() + BYPASS_SECONDS
-        self._storage_error = str(exc)
-        log.error("storage.write_failed", error=str(exc), bypass_seconds=BYPASS_SECONDS)
-
     async def remainder(self, target: Target, digest: Digest, start: int, end: int
                         ) -> AsyncGenerator[bytes]:
         """Bytes ``start``..``end`` (exclusive) of a blob straight from upstream, uncached: how
@@ -494,26 +259,6 @@ class BlobService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
-    """Copy an upstream body into the writer; None when it ended, else why it broke."""
-    broke: str | None = None
-    try:
-        async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
-            async for chunk in chunks:
-                await w.write(chunk)
-                if w.size != dl.written:
-                    dl.written = w.size
-                    dl.notify()
-    except UpstreamBodyBroken as exc:
-        broke = exc.reason
-    await w.flush()
-    dl.written = w.size
-    dl.notify()
-    if broke is None and dl.size is not None and w.size < dl.size:
-        broke = "short body"
-    return broke
-
-
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
@@ -528,8 +273,3 @@ def _single_range(header: str | None) -> tuple[int, int | None]:
         return offset, None
     last = int(m.group(2))
     return (offset, last + 1) if last >= offset else (0, None)
-
-
-class _StorageFailed(OCIError):
-    def __init__(self) -> None:
-        super().__init__(ErrorCode.UNAVAILABLE, "storage failed", status=503)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -19,7 +21,13 @@ from mirrorcache.oci.reference import Digest, Reference
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
-from mirrorcache.storage.base import BlobStore, StorageError
+from mirrorcache.storage.base import (
+    BlobStore,
+    FetchClaims,
+    StorageError,
+    put_bytes,
+    read_bytes,
+)
 from mirrorcache.storage.metadata import Metadata, TagRecord
 from mirrorcache.upstream.client import UpstreamUnavailable
 
@@ -29,6 +37,10 @@ log = structlog.get_logger("mirrorcache.manifests")
 MEMO_BYTES = 32 * 1024 * 1024
 #: Tag records kept in memory per process.
 TAG_MEMO = 20000
+#: How often a process waiting for another process's manifest fetch looks for its result.
+PEER_POLL = 0.02
+#: Extra patience, beyond the upstream read timeout, before fetching it itself after all.
+PEER_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +65,11 @@ class ManifestService:
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, coalescer: Coalescer,
-                 metrics: Metrics, gate: RepositoryGate | None = None) -> None:
+                 metrics: Metrics, gate: RepositoryGate | None = None,
+                 claims: FetchClaims | None = None) -> None:
         self._upstreams = upstreams
+        #: Cross-process single-flight, when the store offers it; else per process only.
+        self._claims = claims
         self._configs = configs
         self._store = store
         self._meta = meta
@@ -84,7 +99,7 @@ class ManifestService:
             body, declared = memo
         else:
             try:
-                body = await self._store.read_bytes(digest, media.MAX_MANIFEST_BYTES)
+                body = await read_bytes(self._store, digest, media.MAX_MANIFEST_BYTES)
             except StorageError:
                 return None
             declared = media.declared_media_type(body)
@@ -121,7 +136,7 @@ class ManifestService:
             await self._meta.set_media_type(target.upstream, target.repository, digest,
                                             media_type)
         try:
-            await self._store.put_bytes(digest, body)
+            await put_bytes(self._store, digest, body)
         except StorageError as exc:
             log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
 
@@ -129,11 +144,12 @@ class ManifestService:
     async def _by_digest(self, target: Target, digest: Digest, accept: str | None, *,
                          head: bool) -> ManifestResult:
         cfg = self._configs[target.upstream]
+
+        async def confirm() -> int | None:
+            return (await self._head_upstream(target, str(digest), accept)).size
+
         if await self._have(digest):
             # Cached, maybe via another repository: the one repository rule decides.
-            async def confirm() -> int | None:
-                return (await self._head_upstream(target, str(digest), accept)).size
-
             await self._gate.admit(target, digest, unknown=ErrorCode.MANIFEST_UNKNOWN,
                                    confirm=confirm)
             stored = await self._cached(target, digest, "hit")
@@ -145,8 +161,20 @@ class ManifestService:
         if head:
             return await self._head_upstream(target, str(digest), accept)
         key = ("manifest", target.upstream, target.repository, str(digest))
-        result, joined = await self._coalescer.run(
-            key, lambda: self._fetch(target, str(digest), media.DEFAULT_ACCEPT, expect=digest))
+
+        async def fetched() -> ManifestResult | None:
+            """What another process stored meanwhile (for this repository, usually: the
+            one repository rule decides)."""
+            if not await self._have(digest):
+                return None
+            await self._gate.admit(target, digest, unknown=ErrorCode.MANIFEST_UNKNOWN,
+                                   confirm=confirm)
+            return await self._cached(target, digest, "miss")
+
+        result, joined = await self._coalescer.run(key, lambda: self._across_processes(
+            f"manifest:{target.upstream}/{target.repository}@{digest}", target.upstream,
+            lambda: self._fetch(target, str(digest), media.DEFAULT_ACCEPT, expect=digest),
+            fetched))
         if joined:
             self._metrics.coalesced.labels("manifest").inc()
         return result
@@ -177,7 +205,7 @@ class ManifestService:
         try:
             result, joined = await self._coalescer.run(
                 ("tag", target.upstream, target.repository, tag),
-                lambda: self._revalidate(target, tag, rec))
+                lambda: self._revalidate_once(target, tag, rec))
         except OCIError as err:
             stale = (await self._cached(target, rec.digest, "stale") if rec is not None
                      else None)
@@ -199,7 +227,7 @@ class ManifestService:
 
         async def refresh() -> None:
             try:
-                await self._coalescer.run(key, lambda: self._revalidate(target, tag, rec))
+                await self._coalescer.run(key, lambda: self._revalidate_once(target, tag, rec))
             except OCIError as err:
                 log.warning("manifest.background_refresh_failed", upstream=target.upstream,
                             repository=target.repository, tag=tag, error=err.code)
@@ -207,6 +235,83 @@ class ManifestService:
         task: asyncio.Task[object] = asyncio.ensure_future(refresh())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _revalidate_once(self, target: Target, tag: str, rec: TagRecord | None
+                               ) -> ManifestResult:
+        """:meth:`_revalidate`, by one of the processes sharing the store at a time: the
+        others take the tag record it writes."""
+        since = time.time()
+
+        async def refreshed() -> ManifestResult | None:
+            now = self._meta.get_tag(target.upstream, target.repository, tag)
+            if now is None or now.checked_at < since:
+                return None
+            self._tags[(target.upstream, target.repository, tag)] = now
+            same = rec is not None and rec.digest == now.digest
+            return await self._cached(target, now.digest, "hit" if same else "miss")
+
+        return await self._across_processes(
+            f"tag:{target.upstream}/{target.repository}:{tag}", target.upstream,
+            lambda: self._revalidate(target, tag, rec), refreshed)
+
+    async def _across_processes(self, key: str, upstream: str,
+                                work: Callable[[], Awaitable[ManifestResult]],
+                                stored: Callable[[], Awaitable[ManifestResult | None]]
+                                ) -> ManifestResult:
+        """Run ``work`` in one of the processes sharing the store (FetchClaims): the others
+        poll for what it stores (``stored``), take over if it dies without a result, and
+        fetch it themselves after the upstream read timeout. Without FetchClaims (or when
+        the claim files fail) this process just runs it."""
+        if self._claims is None:
+            return await work()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._configs[upstream].read_timeout + PEER_GRACE
+        following = False
+        while True:
+            try:
+                claim = self._claims.claim(key)
+            except StorageError as exc:
+                log.warning("manifest.claim_failed", key=key, error=str(exc))
+                return await work()
+            if claim is not None:
+                done = False
+                try:
+                    # Another process may have stored it since this one looked.
+                    result = await stored() or await work()
+                    done = True
+                    return result
+                except OCIError as exc:
+                    with contextlib.suppress(StorageError):
+                        claim.fail({"code": exc.code, "message": exc.message,
+                                    "status": exc.status})
+                    raise
+                finally:
+                    claim.release(done=done)
+            if not following:
+                following = True
+                self._metrics.coalesced.labels("manifest_peer").inc()
+                log.info("manifest.following_peer", key=key)
+            found = await stored()
+            if found is not None:
+                return found
+            try:
+                peer = self._claims.peer_fetch(key)
+            except StorageError as exc:
+                log.warning("manifest.claim_failed", key=key, error=str(exc))
+                return await work()
+            if not peer.alive:
+                found = await stored()
+                if found is not None:
+                    return found
+                if peer.error is not None:
+                    raise OCIError(ErrorCode.from_wire(peer.error.get("code")),
+                                   str(peer.error.get("message", "peer fetch failed")),
+                                   status=int(peer.error.get("status", 502)))
+                continue  # the claimant is gone without a result: claim it ourselves
+            if loop.time() > deadline:
+                log.warning("manifest.peer_timeout", key=key)
+                return await work()
+            await asyncio.sleep(PEER_POLL)
 
     async def _revalidate(self, target: Target, tag: str, rec: TagRecord | None
                           ) -> ManifestResult:

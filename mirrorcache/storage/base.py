@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from mirrorcache.oci.reference import Digest
 
@@ -43,32 +43,6 @@ class BlobInfo:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class PeerFetch:
-    """What another process on this host said of its in-flight fetch of a digest."""
-
-    alive: bool
-    path: Path | None = None
-    size: int | None = None
-    error: dict[str, Any] | None = None
-    #: Whom the peer fetches for (an opaque label the caller published), if it said.
-    owner: str | None = None
-
-
-class InflightClaim(Protocol):
-    """This process's exclusive claim on fetching a digest, visible to other processes."""
-
-    def publish(self, spool: Path, size: int | None, owner: str | None = None) -> None:
-        """Say where the bytes land, how many there will be and whom they are fetched for.
-        Raises StorageError."""
-
-    def fail(self, error: dict[str, Any]) -> None:
-        """Say why the fetch failed (OCI code, message, status). Raises StorageError."""
-
-    def release(self, *, done: bool) -> None:
-        """Give the claim up (never raises); nothing of it is left behind."""
-
-
 class BlobWriter(Protocol):
     """An in-progress write; the digest is computed as bytes arrive and checked at commit."""
 
@@ -95,38 +69,115 @@ class BlobWriter(Protocol):
 
 
 class BlobStore(Protocol):
-    """A content-addressed blob store."""
+    """A content-addressed blob store: the whole of what a backend must offer.
 
-    async def stat(self, digest: Digest) -> BlobInfo | None: ...
+    Every method raises StorageError (never a bare OSError) when the backend fails.
+    What only some backends can do is a separate capability (:class:`FetchClaims`,
+    :class:`Janitor`), wired in app.py.
+    """
+
+    async def stat(self, digest: Digest) -> BlobInfo | None:
+        """The committed blob's size, or None if there is none."""
+
+    def reader(self, digest: Digest, offset: int = 0, length: int | None = None
+               ) -> AsyncIterator[bytes]:
+        """The bytes ``offset``..``offset+length`` (to the end when ``length`` is None) of a
+        committed blob. Raises BlobNotFound (when iterated) if there is none."""
 
     def writer(self, digest: Digest) -> AbstractAsyncContextManager[BlobWriter]:
         """``async with store.writer(d) as w: await w.write(b); await w.commit()``.
 
-        Leaving the block without a commit cancels the write.
+        Leaving the block without a commit cancels the write. Concurrent writers of one
+        digest are allowed: each commits the same bytes, the blob is published once.
         """
 
+    async def delete(self, digest: Digest) -> None:
+        """Remove a committed blob (nothing happens if there is none)."""
+
+    def list(self) -> AsyncIterator[BlobInfo]:
+        """Every committed blob."""
+
     def local_path(self, digest: Digest) -> Path | None:
-        """Path of a committed blob on local disk (for sendfile), or None for remote backends."""
+        """Path of a committed blob on local disk (for sendfile), or None when the backend
+        keeps blobs elsewhere (then serve with :meth:`reader`)."""
 
-    def read(self, digest: Digest, offset: int = 0, length: int | None = None
-             ) -> AsyncIterator[bytes]: ...
 
-    async def read_bytes(self, digest: Digest, max_size: int) -> bytes: ...
+@dataclass(frozen=True, slots=True)
+class PeerFetch:
+    """What another process on this host said of its in-flight fetch (see FetchClaims)."""
 
-    async def put_bytes(self, digest: Digest, data: bytes) -> BlobInfo: ...
+    alive: bool
+    path: Path | None = None
+    size: int | None = None
+    error: dict[str, Any] | None = None
+    #: Whom the peer fetches for (an opaque label the caller published), if it said.
+    owner: str | None = None
 
-    async def delete(self, digest: Digest) -> None: ...
 
-    def list(self) -> AsyncIterator[BlobInfo]: ...
+class FetchClaim(Protocol):
+    """This process's exclusive claim on fetching something (a blob, a manifest, a tag),
+    visible to the other processes sharing the store."""
+
+    def publish(self, spool: Path | None, size: int | None, owner: str | None = None) -> None:
+        """Say where the bytes land, how many there will be and whom they are fetched for.
+        Raises StorageError."""
+
+    def fail(self, error: dict[str, Any]) -> None:
+        """Say why the fetch failed (OCI code, message, status). Raises StorageError."""
+
+    def release(self, *, done: bool) -> None:
+        """Give the claim up (never raises); nothing of it is left behind."""
+
+
+@runtime_checkable
+class FetchClaims(Protocol):
+    """Optional capability: cross-process single-flight on one host (the filesystem store's
+    claim files). Without it a service single-flights per process only.
+
+    Keys are strings: ``blob:<digest>``, ``manifest:<upstream>/<repo>@<digest>``,
+    ``tag:<upstream>/<repo>:<tag>`` (see :func:`blob_claim_key`).
+    """
+
+    def claim(self, key: str) -> FetchClaim | None:
+        """Claim the fetch of ``key`` for this process (None: another process has it).
+        Raises StorageError."""
+
+    def peer_fetch(self, key: str) -> PeerFetch:
+        """What another process's claim on ``key`` says (alive=False when nobody holds it).
+        Raises StorageError."""
+
+
+@runtime_checkable
+class Janitor(Protocol):
+    """Optional capability: a backend that leaves temporary files behind a crash."""
 
     async def cleanup_temp(self) -> int:
-        """Remove temporary files left by a crash; return how many."""
+        """Remove every temporary file (at start-up, no other process running); how many."""
 
     async def cleanup_orphans(self, min_age: float = 60.0) -> int:
-        """Remove temporary files that no live process is writing."""
+        """Remove temporary files no live process is writing, older than ``min_age``."""
 
-    def claim(self, digest: Digest) -> InflightClaim | None:
-        """Claim the fetch of a digest for this process (None: another process has it)."""
 
-    def peer_fetch(self, digest: Digest) -> PeerFetch:
-        """What another process's claim on a digest says."""
+def blob_claim_key(digest: Digest) -> str:
+    """The claim key of an upstream blob fetch."""
+    return f"blob:{digest}"
+
+
+async def read_bytes(store: BlobStore, digest: Digest, max_size: int) -> bytes:
+    """A whole small blob (a manifest). Raises BlobNotFound, or StorageError when it is
+    larger than ``max_size``."""
+    parts: list[bytes] = []
+    got = 0
+    async for chunk in store.reader(digest, 0, max_size + 1):
+        parts.append(chunk)
+        got += len(chunk)
+    if got > max_size:
+        raise StorageError(f"{digest} is larger than {max_size} bytes")
+    return b"".join(parts)
+
+
+async def put_bytes(store: BlobStore, digest: Digest, data: bytes) -> BlobInfo:
+    """Store a small blob in one write. Raises DigestMismatch or StorageError."""
+    async with store.writer(digest) as w:
+        await w.write(data)
+        return await w.commit()

@@ -28,6 +28,7 @@ from mirrorcache.storage.base import (
     DigestMismatch,
     PeerFetch,
     StorageError,
+    blob_claim_key,
 )
 
 log = structlog.get_logger("mirrorcache.storage")
@@ -180,7 +181,7 @@ class FsBlobWriter:
         self._unlink()
 
 
-class FsInflightClaim:
+class FsFetchClaim:
     """A flock-based claim: this process fetches a digest; other processes on the host tail its
     spool file.
 
@@ -201,8 +202,9 @@ class FsInflightClaim:
         except OSError as exc:
             raise StorageError(f"claim file {self._path.name}: {exc.strerror}") from exc
 
-    def publish(self, spool: Path, size: int | None, owner: str | None = None) -> None:
-        self._write({"path": str(spool), "size": size, "owner": owner})
+    def publish(self, spool: Path | None, size: int | None, owner: str | None = None) -> None:
+        self._write({"path": str(spool) if spool is not None else None, "size": size,
+                     "owner": owner})
 
     def fail(self, error: dict[str, Any]) -> None:
         self._write({"error": error})
@@ -222,7 +224,12 @@ class FsInflightClaim:
 
 
 class FilesystemBlobStore:
-    """Blobs in a content-addressed tree on local disk (see keys.py for the layout)."""
+    """Blobs in a content-addressed tree on local disk (see keys.py for the layout).
+
+    A :class:`~mirrorcache.storage.base.BlobStore` with both optional capabilities:
+    :class:`~mirrorcache.storage.base.FetchClaims` (flock'd claim files, so the worker
+    processes sharing the directory fetch each thing once) and
+    :class:`~mirrorcache.storage.base.Janitor` (crash leftovers in tmp/)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -256,8 +263,8 @@ class FilesystemBlobStore:
             if not w.finished:
                 await w.cancel()
 
-    async def read(self, digest: Digest, offset: int = 0, length: int | None = None
-                   ) -> AsyncIterator[bytes]:
+    async def reader(self, digest: Digest, offset: int = 0, length: int | None = None
+                     ) -> AsyncIterator[bytes]:
         try:
             f = open(self.path_of(digest), "rb")  # noqa: ASYNC230
         except FileNotFoundError:
@@ -278,23 +285,6 @@ class FilesystemBlobStore:
                 if remaining is not None:
                     remaining -= len(data)
                 yield data
-
-    async def read_bytes(self, digest: Digest, max_size: int) -> bytes:
-        try:
-            with open(self.path_of(digest), "rb") as f:  # noqa: ASYNC230  small, page-cached
-                data = f.read(max_size + 1)
-        except FileNotFoundError:
-            raise BlobNotFound(str(digest)) from None
-        except OSError as exc:
-            raise StorageError(f"reading {digest}: {exc.strerror}") from exc
-        if len(data) > max_size:
-            raise StorageError(f"{digest} is larger than {max_size} bytes")
-        return data
-
-    async def put_bytes(self, digest: Digest, data: bytes) -> BlobInfo:
-        async with self.writer(digest) as w:
-            await w.write(data)
-            return await w.commit()
 
     async def delete(self, digest: Digest) -> None:
         try:
@@ -322,17 +312,17 @@ class FilesystemBlobStore:
                     if len(name) == hexlen:
                         yield BlobInfo(Digest(algorithm, name), size)
 
-    def _lock_path(self, digest: Digest) -> Path:
-        return self.root / keys.TMP_DIR / (keys.temp_prefix(digest) + "lock")
+    def _lock_path(self, key: str) -> Path:
+        return self.root / keys.TMP_DIR / keys.claim_file(key)
 
-    def claim(self, digest: Digest) -> FsInflightClaim | None:
-        """Claim the fetch of ``digest`` for this process, or None if another process has it."""
-        path = self._lock_path(digest)
+    def claim(self, key: str) -> FsFetchClaim | None:
+        """Claim the fetch of ``key`` for this process, or None if another process has it."""
+        path = self._lock_path(key)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise StorageError(f"claim {digest}: {exc.strerror}") from exc
+                raise StorageError(f"claim {key}: {exc.strerror}") from exc
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,17 +342,20 @@ class FilesystemBlobStore:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-                raise StorageError(f"claim {digest}: {exc.strerror}") from exc
-            return FsInflightClaim(fd, path)
+                raise StorageError(f"claim {key}: {exc.strerror}") from exc
+            return FsFetchClaim(fd, path)
 
-    def peer_fetch(self, digest: Digest) -> PeerFetch:
-        """Look at another process's claim on ``digest`` (alive=False when nobody holds it)."""
+    def peer_fetch(self, key: str) -> PeerFetch:
+        """Look at another process's claim on ``key`` (alive=False when nobody holds it)."""
+        return self._peer_at(self._lock_path(key))
+
+    def _peer_at(self, path: Path) -> PeerFetch:
         try:
-            fd = os.open(self._lock_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return PeerFetch(alive=False)
         except OSError as exc:
-            raise StorageError(f"claim of {digest}: {exc.strerror}") from exc
+            raise StorageError(f"claim {path.name}: {exc.strerror}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -371,7 +364,7 @@ class FilesystemBlobStore:
                 alive = True
             raw = os.pread(fd, 65536, 0)
         except OSError as exc:
-            raise StorageError(f"claim of {digest}: {exc.strerror}") from exc
+            raise StorageError(f"claim {path.name}: {exc.strerror}") from exc
         finally:
             os.close(fd)
         try:
@@ -395,11 +388,13 @@ class FilesystemBlobStore:
         for entry in self._tmp_entries():
             if not entry.name.endswith((keys.TMP_SUFFIX, ".lock")):
                 continue
-            alg, _, rest = entry.name.partition("-")
-            hexpart = rest.split(".", 1)[0]
             try:
-                digest = Digest(alg, hexpart)
-                if now - entry.stat().st_mtime < min_age or self.peer_fetch(digest).alive:
+                if entry.name.endswith(".lock"):
+                    lock = Path(entry.path)  # a claim file: is it still held?
+                else:  # a partial blob: is its fetch's claim still held?
+                    alg, _, rest = entry.name.partition("-")
+                    lock = self._lock_path(blob_claim_key(Digest(alg, rest.split(".", 1)[0])))
+                if now - entry.stat().st_mtime < min_age or self._peer_at(lock).alive:
                     continue
                 os.unlink(entry.path)
                 removed += 1

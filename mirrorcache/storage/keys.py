@@ -8,6 +8,10 @@ Filesystem backend, under the configured root::
                                                       blobs/ only after its digest verified;
                                                       anything here at start-up is a crash
                                                       leftover and is deleted
+    <root>/tmp/<algorithm>-<hex>.lock                 the claim on fetching a blob (flock'd by
+                                                      the fetching process; JSON: spool path,
+                                                      size, owner, or the error)
+    <root>/tmp/claim-<sha256 of key>.lock             any other claim (a manifest, a tag)
     <root>/metadata/                                  diskcache (sqlite): tag -> digest records,
                                                       manifest media types, repository links,
                                                       last access times
@@ -17,8 +21,10 @@ Object storage (S3) uses the same relative keys under a prefix: ``blobs/<alg>/<x
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 
+from mirrorcache.errors import OCIError
 from mirrorcache.oci.reference import Digest
 
 BLOBS_DIR = "blobs"
@@ -34,3 +40,16 @@ def blob_key(digest: Digest) -> PurePosixPath:
 def temp_prefix(digest: Digest) -> str:
     """File-name prefix of in-progress writes for a digest."""
     return f"{digest.algorithm}-{digest.hex}."
+
+
+def claim_file(key: str) -> str:
+    """File name (in tmp/) of the claim on ``key``: blobs keep their digest in the name (so
+    orphaned partial files find their claim); other keys are hashed (they may hold any
+    character)."""
+    kind, _, rest = key.partition(":")
+    if kind == "blob":
+        try:
+            return temp_prefix(Digest.parse(rest)) + "lock"
+        except OCIError:
+            pass
+    return "claim-" + hashlib.sha256(key.encode()).hexdigest()[:40] + ".lock"

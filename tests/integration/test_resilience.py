@@ -215,10 +215,7 @@ async def test_corrupt_upstream_bytes_never_committed_or_served_complete(
 
 
 class FailingStore(FilesystemBlobStore):
-    """A disk that is full: every write fails."""
-
-    async def put_bytes(self, digest: Digest, data: bytes) -> Any:
-        raise StorageError("No space left on device")
+    """A disk that is full: every write (manifests' too) fails."""
 
     def writer(self, digest: Digest) -> Any:
         @asynccontextmanager

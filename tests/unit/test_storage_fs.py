@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from mirrorcache.oci.reference import Digest
-from mirrorcache.storage.base import BlobInfo, BlobNotFound, DigestMismatch, StorageError
+from mirrorcache.storage.base import (
+    BlobInfo,
+    BlobNotFound,
+    DigestMismatch,
+    StorageError,
+    put_bytes,
+    read_bytes,
+)
 from mirrorcache.storage.fs import FilesystemBlobStore
 
 
@@ -22,7 +29,7 @@ def files_under(path: Path) -> list[Path]:
 
 async def collect(store: FilesystemBlobStore, digest: Digest, offset: int = 0,
                   length: int | None = None) -> bytes:
-    return b"".join([chunk async for chunk in store.read(digest, offset, length)])
+    return b"".join([chunk async for chunk in store.reader(digest, offset, length)])
 
 
 @pytest.fixture
@@ -48,7 +55,7 @@ async def test_write_commit_stat_read(store: FilesystemBlobStore) -> None:
     assert expected.read_bytes() == DATA
     assert files_under(store.root / "blobs") == [expected]
     assert files_under(store.root / "tmp") == []
-    assert await store.read_bytes(d, len(DATA)) == DATA
+    assert await read_bytes(store, d, len(DATA)) == DATA
 
 
 async def test_large_chunk_goes_through_thread_path(store: FilesystemBlobStore) -> None:
@@ -62,7 +69,7 @@ async def test_large_chunk_goes_through_thread_path(store: FilesystemBlobStore) 
 
 async def test_sha512_blob(store: FilesystemBlobStore) -> None:
     d = digest_of(b"x", "sha512")
-    assert await store.put_bytes(d, b"x") == BlobInfo(d, 1)
+    assert await put_bytes(store, d, b"x") == BlobInfo(d, 1)
     assert store.path_of(d).parent.parent.name == "sha512"
     assert await collect(store, d) == b"x"
 
@@ -86,7 +93,7 @@ async def test_wrong_bytes_raise_and_leave_nothing(store: FilesystemBlobStore) -
 async def test_put_bytes_mismatch(store: FilesystemBlobStore) -> None:
     d = digest_of(b"a")
     with pytest.raises(DigestMismatch):
-        await store.put_bytes(d, b"b")
+        await put_bytes(store, d, b"b")
     assert files_under(store.root) == []
 
 
@@ -127,7 +134,7 @@ async def test_cleanup_temp_removes_part_files(store: FilesystemBlobStore) -> No
     (tmp / "sha256-abc.lock").write_bytes(b"{}")
     (tmp / "keep.txt").write_bytes(b"not ours")
     d = digest_of(b"committed")
-    await store.put_bytes(d, b"committed")
+    await put_bytes(store, d, b"committed")
     assert await store.cleanup_temp() == 3
     assert sorted(p.name for p in tmp.iterdir()) == ["keep.txt"]
     assert await collect(store, d) == b"committed"  # committed blobs untouched
@@ -149,9 +156,9 @@ async def test_cleanup_temp_removes_abandoned_writer_file(store: FilesystemBlobS
 
 async def test_commit_same_digest_twice(store: FilesystemBlobStore) -> None:
     d = digest_of(DATA)
-    assert await store.put_bytes(d, DATA) == BlobInfo(d, len(DATA))
+    assert await put_bytes(store, d, DATA) == BlobInfo(d, len(DATA))
     first_inode = store.path_of(d).stat().st_ino
-    assert await store.put_bytes(d, DATA) == BlobInfo(d, len(DATA))
+    assert await put_bytes(store, d, DATA) == BlobInfo(d, len(DATA))
     assert store.path_of(d).stat().st_ino == first_inode  # the first copy was kept
     assert files_under(store.root / "blobs") == [store.path_of(d)]
     assert files_under(store.root / "tmp") == []
@@ -177,7 +184,7 @@ async def test_two_writers_same_digest_concurrently(store: FilesystemBlobStore) 
 async def test_read_with_offset_and_length(store: FilesystemBlobStore, offset: int,
                                            length: int | None, expected: bytes) -> None:
     d = digest_of(DATA)
-    await store.put_bytes(d, DATA)
+    await put_bytes(store, d, DATA)
     assert await collect(store, d, offset, length) == expected
 
 
@@ -187,8 +194,8 @@ async def test_read_spans_multiple_chunks(store: FilesystemBlobStore,
 
     monkeypatch.setattr(fs, "READ_CHUNK", 1000)
     d = digest_of(DATA)
-    await store.put_bytes(d, DATA)
-    chunks = [c async for c in store.read(d, 10, 2500)]
+    await put_bytes(store, d, DATA)
+    chunks = [c async for c in store.reader(d, 10, 2500)]
     assert [len(c) for c in chunks] == [1000, 1000, 500]
     assert b"".join(chunks) == DATA[10:2510]
 
@@ -199,15 +206,15 @@ async def test_missing_blob(store: FilesystemBlobStore) -> None:
     with pytest.raises(BlobNotFound):
         await collect(store, d)
     with pytest.raises(BlobNotFound):
-        await store.read_bytes(d, 100)
+        await read_bytes(store, d, 100)
 
 
 async def test_read_bytes_size_limit(store: FilesystemBlobStore) -> None:
     d = digest_of(DATA)
-    await store.put_bytes(d, DATA)
-    assert await store.read_bytes(d, len(DATA)) == DATA
+    await put_bytes(store, d, DATA)
+    assert await read_bytes(store, d, len(DATA)) == DATA
     with pytest.raises(StorageError, match="larger than"):
-        await store.read_bytes(d, len(DATA) - 1)
+        await read_bytes(store, d, len(DATA) - 1)
 
 
 async def test_list_yields_committed_blobs(store: FilesystemBlobStore) -> None:
@@ -215,10 +222,10 @@ async def test_list_yields_committed_blobs(store: FilesystemBlobStore) -> None:
     expected = set()
     for data in blobs:
         d = digest_of(data)
-        await store.put_bytes(d, data)
+        await put_bytes(store, d, data)
         expected.add(BlobInfo(d, len(data)))
     d512 = digest_of(b"five", "sha512")
-    await store.put_bytes(d512, b"five")
+    await put_bytes(store, d512, b"five")
     expected.add(BlobInfo(d512, 4))
     # Noise that list() must skip: an uncommitted write and a stray short file name.
     async with store.writer(digest_of(b"pending")) as w:
@@ -232,7 +239,7 @@ async def test_list_yields_committed_blobs(store: FilesystemBlobStore) -> None:
 
 async def test_delete(store: FilesystemBlobStore) -> None:
     d = digest_of(b"bye")
-    await store.put_bytes(d, b"bye")
+    await put_bytes(store, d, b"bye")
     await store.delete(d)
     assert await store.stat(d) is None
     await store.delete(d)  # idempotent

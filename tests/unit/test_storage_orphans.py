@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 from mirrorcache.oci.reference import Digest
+from mirrorcache.storage.base import blob_claim_key
 from mirrorcache.storage.fs import FilesystemBlobStore
 
 
 async def test_cleanup_orphans_keeps_live_and_young_files(tmp_path: Path) -> None:
     store = FilesystemBlobStore(tmp_path)
     live, dead, young = (Digest("sha256", c * 64) for c in "abc")
-    claim = store.claim(live)
+    claim = store.claim(blob_claim_key(live))
     assert claim is not None
     async with store.writer(live) as w_live, store.writer(dead) as w_dead, \
             store.writer(young) as w_young:

@@ -1,0 +1,231 @@
+"""One upstream fetch of a blob into a store writer, readable while it grows.
+
+A :class:`Download` is a fetch detached from the requesting clients: it streams the upstream
+body into a store writer (hashing on the way), resumes a broken body with Range requests, and
+commits only a verified blob. Readers tail its spool file; the last byte is held back until the
+digest is verified, so no client ever receives a complete body whose digest is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import structlog
+
+from mirrorcache.errors import ErrorCode, OCIError
+from mirrorcache.metrics import Metrics
+from mirrorcache.oci.reference import Digest
+from mirrorcache.proxy.routing import Target
+from mirrorcache.proxy.upstreams import Upstreams
+from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, FetchClaim, StorageError
+from mirrorcache.storage.metadata import Metadata
+from mirrorcache.upstream.client import UpstreamUnavailable
+from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
+
+log = structlog.get_logger("mirrorcache.blobs")
+
+UPSTREAM_CHUNK = 1 << 20
+#: After a storage failure, serve straight from upstream for this long before trying again.
+BYPASS_SECONDS = 30.0
+#: Range requests to resume one broken upstream body before giving up.
+MAX_RESUMES = 3
+
+class DownloadFailed(OCIError):
+    """An upstream blob fetch failed after the response to some clients had begun."""
+
+
+class CacheWriteFailed(DownloadFailed):
+    """Storage failed under an in-flight download: its readers continue straight from
+    upstream (:meth:`BlobService.remainder`) instead of being cut."""
+
+
+class Download:
+    """One in-flight upstream fetch of a blob, readable while it grows."""
+
+    def __init__(self, target: Target, digest: Digest) -> None:
+        self.target = target
+        self.digest = digest
+        self.size: int | None = None
+        self.path: Path | None = None
+        self.final_path: Path | None = None
+        self.written = 0
+        self.done = False
+        self.error: OCIError | None = None
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    def readable_until(self) -> int:
+        """Bytes a reader may send now: all once verified, else all but the last."""
+        if self.done:
+            return self.written
+        if self.size is None:
+            return max(self.written - 1, 0)
+        return min(self.written, self.size - 1)
+
+    def open_file(self) -> BinaryIO:
+        """The spool file (or, once committed, the blob), opened for reading; an open file
+        stays valid when the spool is renamed into place."""
+        for path in (self.path, self.final_path):
+            if path is None:
+                continue
+            try:
+                return open(path, "rb", buffering=0)  # the caller closes it
+            except FileNotFoundError:
+                continue
+        if isinstance(self.error, _StorageFailed):
+            raise CacheWriteFailed(self.error.code, self.error.message, status=self.error.status)
+        raise DownloadFailed(ErrorCode.BLOB_UNKNOWN, "in-flight blob vanished", status=500)
+
+    async def available(self, pos: int, stop: int) -> int:
+        """Wait until bytes past ``pos`` (up to ``stop``) may be sent; return how far.
+        Raises DownloadFailed if the download fails first."""
+        while True:
+            changed = self._changed
+            if isinstance(self.error, _StorageFailed):
+                raise CacheWriteFailed(self.error.code, self.error.message,
+                                       status=self.error.status)
+            if self.error is not None:
+                raise DownloadFailed(self.error.code, self.error.message,
+                                     status=self.error.status)
+            limit = min(self.readable_until(), stop)
+            if pos < limit or (self.done and pos >= stop):
+                return limit
+            if self.done:
+                raise DownloadFailed(ErrorCode.UNKNOWN, "in-flight blob shorter than announced")
+            await changed.wait()
+
+
+class Downloading:
+    """The part of BlobService that fetches a blob into the store (see blobs.py)."""
+
+    _upstreams: Upstreams
+    _store: BlobStore
+    _meta: Metadata
+    _metrics: Metrics
+    _clock: Callable[[], float]
+    _bypass_until: float
+    _storage_error: str | None
+
+    async def _download(self, dl: Download, claim: FetchClaim) -> None:
+        target, digest = dl.target, dl.digest
+        client = self._upstreams[target.upstream]
+        started = time.monotonic()
+        try:
+            try:
+                writer_cm = self._store.writer(digest)
+                w = await writer_cm.__aenter__()
+            except StorageError as exc:
+                self._storage_failed(exc)
+                raise _StorageFailed() from None
+            try:
+                if w.local_path is None:
+                    raise _StorageFailed()
+                dl.path = w.local_path
+                async with client.open_blob(target.repository, digest) as body:
+                    dl.size = body.size
+                    claim.publish(w.local_path, dl.size, str(target))
+                    dl.started.set()
+                    log.info("blob.fetch_started", upstream=target.upstream,
+                             repository=target.repository, digest=str(digest), size=dl.size)
+                    broke = await _pump(body, w, dl)
+                resumes = 0
+                while broke is not None and dl.size is not None and resumes < MAX_RESUMES:
+                    resumes += 1
+                    log.warning("blob.resume", upstream=target.upstream, digest=str(digest),
+                                offset=w.size, size=dl.size, attempt=resumes, error=broke)
+                    async with client.open_blob(target.repository, digest, w.size) as body:
+                        if body.start != w.size:
+                            raise UpstreamUnavailable(target.upstream, "could not resume "
+                                                      f"after {w.size} bytes (whole body sent)")
+                        broke = await _pump(body, w, dl)
+                if broke is not None:
+                    raise UpstreamUnavailable(target.upstream, f"body broke after {w.size} "
+                                              f"bytes: {broke}")
+                if dl.size is not None and w.size != dl.size:
+                    raise UpstreamUnavailable(target.upstream, f"body ended after {w.size} of "
+                                              f"{dl.size} bytes")
+                # Linked before the blob becomes visible, so this repository's own requests
+                # never need upstream to confirm it (upstream just served it for this one).
+                await self._meta.link(target.upstream, target.repository, digest)
+                try:
+                    await w.commit()
+                except DigestMismatch as exc:
+                    log.error("blob.digest_mismatch", upstream=target.upstream,
+                              repository=target.repository, expected=str(digest),
+                              actual=exc.actual, size=exc.size)
+                    raise OCIError(ErrorCode.DIGEST_INVALID,
+                                   f"upstream content does not match {digest}",
+                                   status=502) from None
+            except StorageError as exc:
+                self._storage_failed(exc)
+                raise _StorageFailed() from None
+            finally:
+                try:
+                    await writer_cm.__aexit__(None, None, None)
+                except StorageError as exc:  # cleaning up after a failure failed too
+                    log.warning("storage.cleanup_failed", digest=str(digest), error=str(exc))
+            dl.size = dl.written
+            dl.done = True
+            self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
+            log.info("blob.committed", upstream=target.upstream, repository=target.repository,
+                     digest=str(digest), bytes=dl.written,
+                     duration_ms=round((time.monotonic() - started) * 1000, 1))
+        except OCIError as exc:
+            with contextlib.suppress(StorageError):
+                claim.fail({"code": exc.code, "message": exc.message, "status": exc.status})
+            raise
+        finally:
+            claim.release(done=dl.done)
+
+    def _storage_failed(self, exc: Exception) -> None:
+        self._bypass_until = self._clock() + BYPASS_SECONDS
+        self._storage_error = str(exc)
+        log.error("storage.write_failed", error=str(exc), bypass_seconds=BYPASS_SECONDS)
+
+
+async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
+    """Copy an upstream body into the writer; None when it ended, else why it broke."""
+    broke: str | None = None
+    try:
+        async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
+            async for chunk in chunks:
+                await w.write(chunk)
+                if w.size != dl.written:
+                    dl.written = w.size
+                    dl.notify()
+    except UpstreamBodyBroken as exc:
+        broke = exc.reason
+    await w.flush()
+    dl.written = w.size
+    dl.notify()
+    if broke is None and dl.size is not None and w.size < dl.size:
+        broke = "short body"
+    return broke
+
+
+class _LocalClaim:
+    """The claim of a process whose store has no FetchClaims: nobody else to tell."""
+
+    def publish(self, spool: Path | None, size: int | None, owner: str | None = None) -> None:
+        pass
+
+    def fail(self, error: dict[str, Any]) -> None:
+        pass
+
+    def release(self, *, done: bool) -> None:
+        pass
+
+
+class _StorageFailed(OCIError):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, "storage failed", status=503)
