@@ -9,6 +9,7 @@ single-threaded; the swap is atomic with respect to ``record_*``).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -89,3 +90,6 @@ class AccessTracker:
             await asyncio.to_thread(self._db.add_access, rows, tags, repos)
         except Exception as exc:  # never fails a request; counts are best effort
             log.warning("lifecycle.flush_failed", error=str(exc), dropped=len(rows))
+            return
+        log.info("lifecycle.flushed", pid=os.getpid(), digests=len(rows),
+                 pulls=int(sum(c for _, c, _, _ in rows)))

@@ -76,7 +76,7 @@ class SpaceGuard:
                 return
             deadline = self._clock() + SWEEP_WAIT
             while True:
-                result = await self._sweeper.sweep(trigger="pressure")
+                result = await self._sweeper.sweep(trigger="pressure", force=True)
                 if result is not None or self._clock() >= deadline:
                     break
                 await asyncio.sleep(0.1)  # another process is sweeping: wait for it
