@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aiohttp
 import structlog
@@ -24,6 +26,10 @@ from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
 from mirrorcache.connections import CONNECTIONS, ConnectionGuard, connection_limit_middleware
 from mirrorcache.errors import error_middleware
+from mirrorcache.lifecycle.access import AccessTracker
+from mirrorcache.lifecycle.db import LifecycleDB
+from mirrorcache.lifecycle.space import SpaceGuard, SpaceGuardedStore
+from mirrorcache.lifecycle.sweeper import Sweeper, background
 from mirrorcache.log import ProtocolLogger
 from mirrorcache.metrics import Metrics
 from mirrorcache.policy_reload import PolicyHolder, policy_reloading
@@ -68,13 +74,36 @@ async def _janitor(store: Janitor) -> None:
             log.warning("storage.janitor_failed", error=str(exc))
 
 
+SWEEPER = web.AppKey("sweeper", Sweeper)
+
+
+def _lifecycle(config: Config, store: BlobStore, meta: Metadata, metrics: Metrics,
+               wall_clock: Callable[[], float]) -> tuple[Sweeper | None, AccessTracker]:
+    """The access tracker and the sweeper of the filesystem cache (tracking off, no
+    sweeper, if the lifecycle database cannot be opened: the mirror serves regardless)."""
+    try:
+        db = LifecycleDB(config.storage.metadata_path)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("lifecycle.db_unavailable", error=str(exc))
+        return None, AccessTracker(None)
+    tracker = AccessTracker(db, clock=wall_clock)
+    root = config.storage.filesystem.path
+    metrics.cache_limit.set(config.storage.limits.max_size or 0)
+    return Sweeper(store, db, meta, limits=config.storage.limits,
+                   retention=config.retention, lifecycle=config.lifecycle,
+                   pins=config.pins, lock_dir=root, tracker=tracker, metrics=metrics,
+                   free_path=root, clock=wall_clock), tracker
+
+
 def create_app(config: Config, *, clean_temp: bool = True,
                store: BlobStore | None = None,
-               clock: Callable[[], float] = time.monotonic) -> web.Application:
+               clock: Callable[[], float] = time.monotonic,
+               wall_clock: Callable[[], float] = time.time) -> web.Application:
     """Build the application for ``config``; resources open and close with the app.
 
     ``store`` replaces the configured blob store (tests inject failing stores here);
-    ``clock`` times the storage-bypass window (tests inject a controllable one).
+    ``clock`` times the storage-bypass window (tests inject a controllable one);
+    ``wall_clock`` stamps pulls and decides retention (tests inject one).
     """
     app = web.Application(
         middlewares=[access_log_middleware, connection_limit_middleware, error_middleware,
@@ -112,6 +141,10 @@ def create_app(config: Config, *, clean_temp: bool = True,
                 log.error("storage.cleanup_failed", error=str(exc))
         meta = Metadata(config.storage.metadata_path)
         metrics = Metrics()
+        sweeper, tracker = _lifecycle(config, blob_store, meta, metrics, wall_clock)
+        if sweeper is not None and config.storage.limits.limited:
+            blob_store = cast(BlobStore, SpaceGuardedStore(
+                blob_store, SpaceGuard(sweeper, config.storage.limits)))
         # No pool limit here: each UpstreamClient bounds its own requests in flight
         # (max_connections, waited for at most pool_timeout), so a wait for a connection is
         # never mistaken for an upstream failure. Bodies are asked for and read as identity.
@@ -148,18 +181,29 @@ def create_app(config: Config, *, clean_temp: bool = True,
             passthrough=PassthroughService(upstreams, configs),
             metrics=metrics,
             ready=ready,
+            access=tracker,
         )
         # The loop really running (uvloop or asyncio), not the one configured.
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info("app.started", upstreams=sorted(config.upstreams),
                  storage=str(config.storage.filesystem.path), event_loop=loop)
-        janitor = asyncio.create_task(_janitor(janitor_of)) if janitor_of is not None else None
+        tasks = []
+        if janitor_of is not None:
+            tasks.append(asyncio.create_task(_janitor(janitor_of)))
+        if sweeper is not None:
+            app[SWEEPER] = sweeper
+            tasks.append(asyncio.create_task(background(
+                sweeper, tracker, flush_interval=config.lifecycle.flush_interval,
+                sweep_interval=config.lifecycle.sweep_interval)))
         try:
             yield
         finally:
-            if janitor is not None:
-                janitor.cancel()
-                await asyncio.gather(janitor, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await tracker.flush()
+            if sweeper is not None:
+                sweeper.db.close()
             await blobs.aclose()
             await manifests.aclose()
             await coalescer.aclose()

@@ -73,6 +73,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if report.bad and not args.repair else 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mirrorcache.lifecycle.commands import run_gc
+
+    config = _load(args)
+    if config is None:
+        return 1
+    configure_logging(config.log.level, "json" if config.log.format == "json" else "console")
+    return run_gc(config, dry_run=args.dry_run, out=print)
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from mirrorcache.lifecycle.commands import inventory_rows, render_inventory
+
+    config = _load(args)
+    if config is None:
+        return 1
+    try:
+        rows = inventory_rows(config, pattern=args.filter, sort=args.sort)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = render_inventory(rows, as_json=args.json, tty=sys.stdout.isatty())
+    if text:
+        print(text)
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from mirrorcache.lifecycle.commands import pin
+
+    config = _load(args)
+    if config is None:
+        return 1
+    remove = args.command == "unpin"
+    try:
+        changed, text = pin(config, args.reference, remove=remove)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verb = "unpinned" if remove else "pinned"
+    print(f"{verb} {text}" if changed else f"{text} was {'not ' if remove else 'already '}"
+          "pinned")
+    return 0
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
     """Print the decision for one image reference and the rule that made it."""
     from mirrorcache.auth.identity import Identity
@@ -132,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
     verify.add_argument("--repair", action="store_true", help="delete blobs that do not match")
     verify.set_defaults(func=cmd_verify)
+    gc = sub.add_parser("gc", help="evict least recently pulled images now (down to the low "
+                        "watermark), printing each")
+    gc.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    gc.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    gc.set_defaults(func=cmd_gc)
+    inv = sub.add_parser("inventory", help="list cached images: reference, digest, size, "
+                         "last pulled, pulls, pinned")
+    inv.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    inv.add_argument("--json", action="store_true", help="JSON instead of a table")
+    inv.add_argument("--filter", help="only references matching this glob, e.g. "
+                     "'docker.io/library/*' or 'docker.io/**:3.12*'")
+    inv.add_argument("--sort", default="last-pulled",
+                     choices=("last-pulled", "size", "pulls", "name"))
+    inv.set_defaults(func=cmd_inventory)
+    for name, what in (("pin", "never evict"), ("unpin", "stop pinning")):
+        p = sub.add_parser(name, help=f"{what} an image reference or glob")
+        p.add_argument("reference", help="e.g. python:3.12, docker.io/library/python:3.12*, "
+                       "quay.io/org/app@sha256:...")
+        p.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+        p.set_defaults(func=cmd_pin)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     ptest = policy_sub.add_parser(

@@ -46,3 +46,19 @@ class Metrics:
             "mirrorcache_policy_denied", "Requests refused by policy", ["upstream"],
             registry=self.registry,
         )
+        self.cache_bytes = Gauge(
+            "mirrorcache_cache_bytes", "Bytes of committed content in the cache (as of the "
+            "last sweep)", ["backend"], registry=self.registry,
+        )
+        self.cache_limit = Gauge(
+            "mirrorcache_cache_limit_bytes", "storage.max_size (0: no limit)",
+            registry=self.registry,
+        )
+        self.evicted_bytes = Counter(
+            "mirrorcache_evicted_bytes", "Bytes evicted from the cache", ["reason"],
+            registry=self.registry,
+        )
+        self.evicted_images = Counter(
+            "mirrorcache_evicted_images", "Images (or loose blobs) evicted from the cache",
+            registry=self.registry,
+        )

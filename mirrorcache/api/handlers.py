@@ -96,6 +96,8 @@ async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.S
     accept = ", ".join(request.headers.getall("Accept", [])) or None
     res = await services.manifests.get(target, ref, accept, head=head)
     request[CACHE_KEY] = res.cache
+    if not head:
+        services.access.manifest(target.upstream, target.repository, ref.tag, res.digest)
     headers = {
         **API_HEADERS,
         "Content-Type": res.media_type,
@@ -156,6 +158,7 @@ async def _blob(request: web.Request, target: Target, digest: Digest) -> web.Str
             headers["Content-Length"] = str(info.size)
         return web.Response(status=200, headers=headers)
     source = await services.blobs.open(target, digest, request.headers.get("Range"))
+    services.access.blob(target.upstream, target.repository, digest)
     request[CACHE_KEY] = source.cache
     resp: web.StreamResponse
     if isinstance(source, CachedBlob):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from mirrorcache.lifecycle.access import AccessTracker
 from mirrorcache.metrics import Metrics
 from mirrorcache.proxy.blobs import BlobService
 from mirrorcache.proxy.manifests import ManifestService
@@ -25,6 +26,8 @@ class Services:
     metrics: Metrics
     #: None when ready, else the reason the mirror is degraded.
     ready: Callable[[], Awaitable[str | None]]
+    #: Pull counts and times for eviction (a dict update per request).
+    access: AccessTracker = field(default_factory=lambda: AccessTracker(None))
 
 
 SERVICES = web.AppKey("services", Services)

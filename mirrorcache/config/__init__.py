@@ -6,7 +6,7 @@ credential reading. YAML file reading and ``ConfigError`` live below this packag
 ``mirrorcache.yamlfile``, so ``policy`` can use them without importing config.
 """
 
-from mirrorcache.config._section import parse_duration
+from mirrorcache.config._section import parse_duration, parse_fraction, parse_size
 from mirrorcache.config.load import (
     load_config,
     parse_config,
@@ -16,9 +16,12 @@ from mirrorcache.config.model import (
     AuthConfig,
     Config,
     FilesystemStorageConfig,
+    LifecycleConfig,
     LimitsConfig,
     LogConfig,
     PolicyConfig,
+    RetentionConfig,
+    SizeLimits,
     StorageConfig,
     TlsConfig,
     UpstreamConfig,
@@ -30,15 +33,20 @@ __all__ = [
     "Config",
     "ConfigError",
     "FilesystemStorageConfig",
+    "LifecycleConfig",
     "LimitsConfig",
     "LogConfig",
     "PolicyConfig",
+    "RetentionConfig",
+    "SizeLimits",
     "StorageConfig",
     "TlsConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_fraction",
     "parse_listen",
+    "parse_size",
     "read_yaml_file",
 ]

@@ -9,6 +9,39 @@ from typing import Any
 
 _MISSING: Any = object()
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
+               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``"500GiB"`` (binary), ``"200GB"`` / ``"200G"`` (decimal)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value if isinstance(value, str)
+                     else "")
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {value!r} (use e.g. 500GiB, 200GB or bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_fraction(value: object) -> float:
+    """A fraction in [0, 1] from ``0.9`` or ``"90%"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a fraction such as 0.9 or 90%")
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"invalid percentage {value!r}") from None
+    if not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError("expected a fraction between 0 and 1, or a percentage such as 90%")
+    return float(value)
+
 
 def parse_duration(value: object) -> float:
     """Seconds from ``30``, ``"45s"``, ``"10m"``, ``"1h30m"``, ``"500ms"``."""
@@ -95,6 +128,24 @@ class _Section:
         value = self.raw(name, default)
         try:
             return parse_duration(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def size(self, name: str, default: int | None) -> int | None:
+        value = self.raw(name, default)
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def fraction(self, name: str, default: float) -> float:
+        value = self.raw(name, default)
+        try:
+            return parse_fraction(value)
         except ValueError as exc:
             self.problem(name, str(exc))
             return default

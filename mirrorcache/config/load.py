@@ -18,9 +18,12 @@ from mirrorcache.config.model import (
     AuthConfig,
     Config,
     FilesystemStorageConfig,
+    LifecycleConfig,
     LimitsConfig,
     LogConfig,
     PolicyConfig,
+    RetentionConfig,
+    SizeLimits,
     StorageConfig,
     TlsConfig,
     UpstreamConfig,
@@ -180,6 +183,57 @@ def _parse_tls(sec: _Section) -> TlsConfig | None:
     return TlsConfig(paths["cert"], paths["key"])
 
 
+def parse_size_limits(sec: _Section) -> SizeLimits:
+    """``max_size``, ``high_watermark``, ``low_watermark``, ``min_free`` of one cache tier
+    (``storage``; the S3 backend's local tier reads the same keys in its own section)."""
+    cfg = SizeLimits(
+        max_size=sec.size("max_size", None),
+        high_watermark=sec.fraction("high_watermark", 0.9),
+        low_watermark=sec.fraction("low_watermark", 0.8),
+        min_free=sec.size("min_free", 0) or 0,
+    )
+    if cfg.low_watermark > cfg.high_watermark:
+        sec.problem("low_watermark", "must not be above high_watermark")
+    if cfg.max_size == 0:
+        sec.problem("max_size", "must be more than 0 (leave it out for no limit)")
+    return cfg
+
+
+def _parse_pins(sec: _Section) -> tuple[str, ...]:
+    from mirrorcache.lifecycle.pins import parse_pin
+
+    pins = sec.str_list("pins")
+    for pin in pins:
+        try:
+            parse_pin(pin)
+        except ValueError as exc:
+            sec.problem("pins", str(exc))
+    return pins
+
+
+def _parse_lifecycle(root: _Section) -> tuple[RetentionConfig, LifecycleConfig]:
+    ret_sec = root.section("retention")
+    unused = ret_sec.raw("unused_for", None)
+    retention = RetentionConfig(None if unused is None else ret_sec.duration("unused_for", 0.0))
+    if retention.unused_for is not None and retention.unused_for <= 0:
+        ret_sec.problem("unused_for", "must be more than 0 (leave it out to keep everything)")
+    ret_sec.finish()
+    sec = root.section("lifecycle")
+    lc = LifecycleConfig(
+        sweep_interval=sec.duration("sweep_interval", 300.0),
+        flush_interval=sec.duration("flush_interval", 10.0),
+        protect_recent=sec.duration("protect_recent", 120.0),
+    )
+    if lc.sweep_interval <= 0 or lc.flush_interval <= 0:
+        sec.problem("sweep_interval" if lc.sweep_interval <= 0 else "flush_interval",
+                    "must be more than 0")
+    elif lc.protect_recent < lc.flush_interval:
+        sec.problem("protect_recent", "must be at least flush_interval (a pull another "
+                    "worker has not reported yet must stay protected)")
+    sec.finish()
+    return retention, lc
+
+
 _UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|localhost(:\d+)?")
 
 
@@ -204,6 +258,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
     storage = StorageConfig(
         filesystem=FilesystemStorageConfig(path=fs_path),
         metadata_path=Path(meta) if isinstance(meta, str) else fs_path / "metadata",
+        limits=parse_size_limits(storage_sec),
     )
     storage_sec.finish()
 
@@ -238,6 +293,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
                 root.problem("policy", f"{rule.text} names users or groups, but auth is not "
                              "enabled (every caller is anonymous)")
     tls_cfg = _parse_tls(root.section("tls"))
+    retention_cfg, lifecycle_cfg = _parse_lifecycle(root)
 
     cfg = Config(
         listen_host=host,
@@ -253,6 +309,9 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         auth=auth_cfg,
         tls=tls_cfg,
         limits=_parse_limits(root.section("limits")),
+        retention=retention_cfg,
+        lifecycle=lifecycle_cfg,
+        pins=_parse_pins(root),
     )
     root.finish()
     if problems:

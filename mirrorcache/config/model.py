@@ -52,11 +52,45 @@ class FilesystemStorageConfig:
 
 
 @dataclass(frozen=True)
+class SizeLimits:
+    """How large a cache tier may grow: evict from ``high_watermark`` of ``max_size`` down to
+    ``low_watermark``; keep ``min_free`` bytes free on the filesystem (0 / None: no limit)."""
+
+    max_size: int | None = None
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    min_free: int = 0
+
+    @property
+    def limited(self) -> bool:
+        return self.max_size is not None or self.min_free > 0
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """Where cached content and metadata live."""
 
     filesystem: FilesystemStorageConfig
     metadata_path: Path
+    limits: SizeLimits = SizeLimits()
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Evict what nobody pulled for ``unused_for`` seconds, even under the size limit."""
+
+    unused_for: float | None = None
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """The background sweeper and the access-time flush."""
+
+    sweep_interval: float = 300.0
+    #: Each process writes its batched pull counts and times this often (and at shutdown).
+    flush_interval: float = 10.0
+    #: Content pulled this recently is never evicted (it may be mid-pull in some worker).
+    protect_recent: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -123,3 +157,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
+    retention: RetentionConfig = RetentionConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    #: Image references and globs (``docker.io/library/python:3.12*``) never evicted.
+    pins: tuple[str, ...] = ()

@@ -188,6 +188,23 @@ class Metadata:
         await self._write(lambda c: c.set(f"tag:{upstream}/{repo}:{tag}", value,
                                           expire=TAG_RECORD_TTL))
 
+    async def drop_tag(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
+        """Forget a tag record, if it still points at ``digest`` (eviction)."""
+        key = f"tag:{upstream}/{repo}:{tag}"
+
+        def drop(c: diskcache.Cache) -> None:
+            with c.transact():
+                raw = c.get(key)
+                if isinstance(raw, tuple) and raw and raw[0] == str(digest):
+                    c.delete(key)
+
+        await self._write(drop)
+
+    async def forget(self, upstream: str, repo: str, digest: Digest) -> None:
+        """Drop the repository link and media type of an evicted digest."""
+        await self._write(lambda c: (c.delete(f"link:{upstream}/{repo}@{digest}"),
+                                     c.delete(f"mt:{upstream}/{repo}@{digest}")))
+
     # -- manifest media types, as one upstream repository said them (for manifests whose
     # body does not say its own type): never shared across upstreams or repositories
     def get_media_type(self, upstream: str, repo: str, digest: Digest) -> str | None:
