@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import tempfile
 import time
@@ -22,6 +23,9 @@ from mirrorcache.api.services import SERVICES, Services
 from mirrorcache.auth.authenticator import Authenticator
 from mirrorcache.auth.limiter import FailedLoginLimiter
 from mirrorcache.auth.middleware import CLIENT_AUTH, ClientAuth, client_auth_middleware
+from mirrorcache.cluster.client import PeerClient
+from mirrorcache.cluster.endpoint import add_peer_routes
+from mirrorcache.cluster.membership import Membership
 from mirrorcache.coalesce import Coalescer
 from mirrorcache.config import Config
 from mirrorcache.connections import CONNECTIONS, ConnectionGuard, connection_limit_middleware
@@ -75,6 +79,7 @@ async def _janitor(store: Janitor) -> None:
 
 
 SWEEPER = web.AppKey("sweeper", Sweeper)
+MEMBERSHIP = web.AppKey("membership", Membership)
 
 
 def _lifecycle(config: Config, store: BlobStore, meta: Metadata, metrics: Metrics,
@@ -124,9 +129,22 @@ def create_app(config: Config, *, clean_temp: bool = True,
     app.on_cleanup.append(lambda _: authenticator.aclose())
     app[POLICY] = PolicyHolder(config.policy.policy, config.policy.file)
     add_routes(app)
+    if config.cluster.enabled:
+        add_peer_routes(app, config.cluster.secret)
 
     async def policy_reload(app: web.Application) -> AsyncIterator[None]:
         async with policy_reloading(app[POLICY], config.policy.reload_interval):
+            membership = app.get(MEMBERSHIP)
+            if membership is not None:
+                # One SIGHUP handler reloads the policy and the static peer list.
+                def reload_all() -> None:
+                    app[POLICY].reload("sighup")
+                    membership.reload()
+
+                try:
+                    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_all)
+                except (NotImplementedError, RuntimeError, ValueError) as exc:
+                    log.warning("cluster.sighup_unavailable", error=str(exc))
             yield
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -161,10 +179,16 @@ def create_app(config: Config, *, clean_temp: bool = True,
         configs = dict(config.upstreams)
         coalescer = Coalescer()
         gate = RepositoryGate(configs, meta)
+        owners: PeerClient | None = None
+        if config.cluster.enabled:
+            membership = Membership(config.cluster, session, metrics,
+                                    scheme="https" if config.tls else "http")
+            app[MEMBERSHIP] = membership
+            owners = PeerClient(membership, session, metrics)
         manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics,
-                                    gate, claims=claims)
+                                    gate, claims=claims, owners=owners)
         blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock,
-                            claims=claims)
+                            claims=claims, owners=owners)
 
         async def ready() -> str | None:
             """None when ready, else why the mirror is degraded (it keeps serving)."""
@@ -188,6 +212,11 @@ def create_app(config: Config, *, clean_temp: bool = True,
         log.info("app.started", upstreams=sorted(config.upstreams),
                  storage=str(config.storage.filesystem.path), event_loop=loop)
         tasks = []
+        if owners is not None:
+            tasks.append(asyncio.create_task(owners.membership.run()))
+            log.info("cluster.started", self=config.cluster.self_address,
+                     members=owners.membership.configured(),
+                     dns=config.cluster.dns)
         if janitor_of is not None:
             tasks.append(asyncio.create_task(_janitor(janitor_of)))
         if sweeper is not None:

@@ -62,3 +62,20 @@ class Metrics:
             "mirrorcache_evicted_images", "Images (or loose blobs) evicted from the cache",
             registry=self.registry,
         )
+        self.peer_requests = Counter(
+            "mirrorcache_peer_requests", "Requests to the owning replica, by result (ok, "
+            "refused, unreachable, timeout, error)", ["kind", "result"], registry=self.registry,
+        )
+        self.peer_fallbacks = Counter(
+            "mirrorcache_peer_fallbacks", "Fetches done upstream because the owning replica "
+            "was unreachable, slow to answer or broke mid-stream", ["kind"],
+            registry=self.registry,
+        )
+        self.peer_served = Counter(
+            "mirrorcache_peer_served", "Peer requests this replica answered as owner",
+            ["kind", "status"], registry=self.registry,
+        )
+        self.cluster_members = Gauge(
+            "mirrorcache_cluster_members", "Members seen, by health", ["health"],
+            registry=self.registry,
+        )

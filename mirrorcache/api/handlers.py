@@ -60,7 +60,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if path.kind == "manifest":
         return await _manifest(request, target, path)
     if path.kind == "blob":
-        return await _blob(request, target, Digest.parse(path.reference))
+        return await serve_blob(request, target, Digest.parse(path.reference))
     request[CACHE_KEY] = "relay"
     if path.kind == "tags":
         params = parse_page(request.query.get("n"), request.query.get("last"))
@@ -89,12 +89,17 @@ def _check_manifest_tag(reference: str) -> None:
 
 
 async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.StreamResponse:
+    return await serve_manifest(request, target, Reference.parse(path.reference))
+
+
+async def serve_manifest(request: web.Request, target: Target, ref: Reference, *,
+                         ask_owner: bool = True) -> web.StreamResponse:
+    """A manifest GET/HEAD; ``ask_owner`` False for a peer replica's request."""
     services = request.app[SERVICES]
-    ref = Reference.parse(path.reference)
     head = request.method == "HEAD"
     # Clients (containers/image, containerd) often send one Accept line per media type.
     accept = ", ".join(request.headers.getall("Accept", [])) or None
-    res = await services.manifests.get(target, ref, accept, head=head)
+    res = await services.manifests.get(target, ref, accept, head=head, ask_owner=ask_owner)
     request[CACHE_KEY] = res.cache
     if not head:
         services.access.manifest(target.upstream, target.repository, ref.tag, res.digest)
@@ -148,7 +153,10 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
     }
 
 
-async def _blob(request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+async def serve_blob(request: web.Request, target: Target, digest: Digest, *,
+                     ask_owner: bool = True) -> web.StreamResponse:
+    """A blob GET/HEAD for ``target``; ``ask_owner`` False for a peer replica's request (the
+    cluster endpoint): it is answered here, never forwarded to another replica."""
     services = request.app[SERVICES]
     if request.method == "HEAD":
         info = await services.blobs.head(target, digest)
@@ -157,7 +165,8 @@ async def _blob(request: web.Request, target: Target, digest: Digest) -> web.Str
         if info.size is not None:
             headers["Content-Length"] = str(info.size)
         return web.Response(status=200, headers=headers)
-    source = await services.blobs.open(target, digest, request.headers.get("Range"))
+    source = await services.blobs.open(target, digest, request.headers.get("Range"),
+                                       ask_owner=ask_owner)
     services.access.blob(target.upstream, target.repository, digest)
     request[CACHE_KEY] = source.cache
     resp: web.StreamResponse

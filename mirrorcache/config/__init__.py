@@ -14,6 +14,7 @@ from mirrorcache.config.load import (
 )
 from mirrorcache.config.model import (
     AuthConfig,
+    ClusterConfig,
     Config,
     FilesystemStorageConfig,
     LifecycleConfig,
@@ -30,6 +31,7 @@ from mirrorcache.yamlfile import ConfigError, read_yaml_file
 
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "FilesystemStorageConfig",

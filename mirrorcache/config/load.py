@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from mirrorcache.auth.credentials import parse_htpasswd, parse_tokens
 from mirrorcache.config._section import _Section
 from mirrorcache.config.model import (
     AuthConfig,
+    ClusterConfig,
     Config,
     FilesystemStorageConfig,
     LifecycleConfig,
@@ -234,6 +236,71 @@ def _parse_lifecycle(root: _Section) -> tuple[RetentionConfig, LifecycleConfig]:
     return retention, lc
 
 
+def _parse_cluster(sec: _Section, listen_host: str, listen_port: int,
+                   environ: Mapping[str, str]) -> ClusterConfig:
+    """``cluster``: peers (a list of host:port, or ``{dns: name:port}``), self, the secret."""
+    raw = sec.raw("peers", None)
+    peers: tuple[str, ...] = ()
+    dns: str | None = None
+    if isinstance(raw, dict):
+        dsec = sec.section("peers")
+        dns = dsec.text("dns")
+        dsec.finish()
+        if dns is not None:
+            try:
+                parse_listen(dns)
+            except ValueError as exc:
+                dsec.problem("dns", str(exc))
+    elif raw is not None:
+        peers = sec.str_list("peers")
+        for peer in peers:
+            try:
+                host, _ = parse_listen(peer)
+            except ValueError as exc:
+                sec.problem("peers", str(exc))
+                continue
+            if host == "0.0.0.0":
+                sec.problem("peers", f"{peer!r}: name the peer's host")
+    default_self = ""
+    if environ.get("POD_IP"):
+        pod_ip = environ["POD_IP"]
+        default_self = f"[{pod_ip}]:{listen_port}" if ":" in pod_ip else f"{pod_ip}:{listen_port}"
+    elif listen_host not in ("0.0.0.0", "::"):
+        default_self = (f"[{listen_host}]:{listen_port}" if ":" in listen_host
+                        else f"{listen_host}:{listen_port}")
+    self_address = sec.text("self", None) or default_self
+    enabled = bool(peers or dns)
+    if enabled and not self_address:
+        sec.problem("self", "cannot tell this replica's address: set cluster.self, the "
+                    "POD_IP environment variable, or a specific listen address")
+    secret = ""
+    file = sec.text("secret_file", None)
+    if file is not None:
+        try:
+            secret = Path(file).read_text().strip()
+        except OSError as exc:
+            sec.problem("secret_file", f"cannot read file: {exc.strerror}")
+        else:
+            if len(secret) < 16:
+                sec.problem("secret_file", "the secret must be at least 16 characters")
+    elif enabled:
+        sec.problem("secret_file", "is required when peers are set")
+    cfg = ClusterConfig(
+        peers=peers, dns=dns, self_address=self_address, secret=secret,
+        secret_file=Path(file) if file else None,
+        owner_first_byte_timeout=sec.duration("owner_first_byte_timeout", 5.0),
+        peer_request_timeout=sec.duration("peer_request_timeout", 30.0),
+        probe_interval=sec.duration("probe_interval", 2.0),
+        dns_interval=sec.duration("dns_interval", 5.0),
+    )
+    for name in ("owner_first_byte_timeout", "peer_request_timeout", "probe_interval",
+                 "dns_interval"):
+        if getattr(cfg, name) <= 0:
+            sec.problem(name, "must be more than 0")
+    sec.finish()
+    return cfg
+
+
 _UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|localhost(:\d+)?")
 
 
@@ -312,6 +379,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         retention=retention_cfg,
         lifecycle=lifecycle_cfg,
         pins=_parse_pins(root),
+        cluster=_parse_cluster(root.section("cluster"), host, port, environ),
     )
     root.finish()
     if problems:
@@ -321,4 +389,6 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
-    return parse_config(read_yaml_file(path), environ)
+    cfg = parse_config(read_yaml_file(path), environ)
+    # Kept so SIGHUP can re-read the static peer list from the same file.
+    return replace(cfg, cluster=replace(cfg.cluster, config_file=Path(path)))

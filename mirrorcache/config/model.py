@@ -141,6 +141,32 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas acting as one cache: who the members are and how they talk.
+
+    ``peers`` is a static list of ``host:port`` (``dns`` empty), or one ``name:port`` whose
+    addresses are re-resolved every ``dns_interval`` (a headless Service). ``self_address``
+    is this replica's own ``host:port`` as the others see it.
+    """
+
+    peers: tuple[str, ...] = ()
+    dns: str | None = None
+    self_address: str = ""
+    secret: str = field(default="", repr=False)
+    secret_file: Path | None = None
+    owner_first_byte_timeout: float = 5.0
+    peer_request_timeout: float = 30.0
+    probe_interval: float = 2.0
+    dns_interval: float = 5.0
+    #: The file this config came from (SIGHUP re-reads ``cluster.peers`` from it).
+    config_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peers or self.dns)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole mirrorcache configuration."""
 
@@ -161,3 +187,4 @@ class Config:
     lifecycle: LifecycleConfig = LifecycleConfig()
     #: Image references and globs (``docker.io/library/python:3.12*``) never evicted.
     pins: tuple[str, ...] = ()
+    cluster: ClusterConfig = ClusterConfig()

@@ -31,6 +31,7 @@ from mirrorcache.proxy.download import (
     DownloadFailed,
     _StorageFailed,
 )
+from mirrorcache.proxy.owners import Owners
 from mirrorcache.proxy.peer import PEER_GRACE, PEER_POLL, PeerFollowing
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
@@ -100,8 +101,10 @@ class BlobService(PeerFollowing):
                  store: BlobStore, meta: Metadata, metrics: Metrics,
                  gate: RepositoryGate | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 claims: FetchClaims | None = None) -> None:
+                 claims: FetchClaims | None = None, owners: Owners | None = None) -> None:
         self._upstreams = upstreams
+        #: Other replicas owning digests (a cluster), asked before upstream; None: alone.
+        self._owners = owners
         #: Cross-process single-flight, when the store offers it; else per process only.
         self._claims = claims
         self._clock = clock  # for the storage-bypass window
@@ -179,8 +182,10 @@ class BlobService(PeerFollowing):
         return RemoteBlobInfo(digest, remote.size)
 
     async def open(self, target: Target, digest: Digest,
-                   range_header: str | None = None) -> BlobSource:
-        """Where to read a blob from: the cache, an in-flight download, or upstream directly."""
+                   range_header: str | None = None, *, ask_owner: bool = True) -> BlobSource:
+        """Where to read a blob from: the cache, an in-flight download, or upstream directly.
+        A download of a digest another replica owns streams from that owner, unless
+        ``ask_owner`` is False (the request comes from a peer: never forwarded again)."""
         cached = await self._cached(target, digest)
         if cached is not None:
             return cached
@@ -191,7 +196,7 @@ class BlobService(PeerFollowing):
             return self._passthrough(target, digest, range_header)
         dl = self._downloads.get(digest)
         if dl is None:
-            dl = self._start(target, digest)
+            dl = self._start(target, digest, ask_owner=ask_owner)
         else:
             # Joining another request's fetch obeys the same rule as the cache.
             await self._admit(target, digest, dl.target)
@@ -211,9 +216,12 @@ class BlobService(PeerFollowing):
             return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
         return InflightBlob(dl)
 
-    def _start(self, target: Target, digest: Digest) -> Download:
+    def _start(self, target: Target, digest: Digest, *, ask_owner: bool = True) -> Download:
         dl = Download(target, digest)
         dl.final_path = self._store.local_path(digest)
+        if ask_owner and self._owners is not None:
+            dl.source = self._owners.blob_source(target, digest,
+                                                 self._upstreams[target.upstream])
         self._downloads[digest] = dl
         task = asyncio.ensure_future(self._fetch_or_follow(dl))
         self._tasks.add(task)

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import structlog
 
@@ -26,6 +26,9 @@ from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, Fetc
 from mirrorcache.storage.metadata import Metadata
 from mirrorcache.upstream.client import UpstreamUnavailable
 from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
+
+if TYPE_CHECKING:
+    from mirrorcache.proxy.owners import BlobOpener
 
 log = structlog.get_logger("mirrorcache.blobs")
 
@@ -53,6 +56,8 @@ class Download:
         self.size: int | None = None
         self.path: Path | None = None
         self.final_path: Path | None = None
+        #: Where the body comes from when not straight from upstream (a cluster owner).
+        self.source: BlobOpener | None = None
         self.written = 0
         self.done = False
         self.error: OCIError | None = None
@@ -118,7 +123,7 @@ class Downloading:
 
     async def _download(self, dl: Download, claim: FetchClaim) -> None:
         target, digest = dl.target, dl.digest
-        client = self._upstreams[target.upstream]
+        client: BlobOpener = dl.source or self._upstreams[target.upstream]
         started = time.monotonic()
         try:
             try:

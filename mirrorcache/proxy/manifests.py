@@ -18,6 +18,7 @@ from mirrorcache.metrics import Metrics
 from mirrorcache.oci import media
 from mirrorcache.oci.digest import digest_of
 from mirrorcache.oci.reference import Digest, Reference
+from mirrorcache.proxy.owners import Owners, manifest_key, tag_key
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
@@ -66,8 +67,10 @@ class ManifestService:
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
                  store: BlobStore, meta: Metadata, coalescer: Coalescer,
                  metrics: Metrics, gate: RepositoryGate | None = None,
-                 claims: FetchClaims | None = None) -> None:
+                 claims: FetchClaims | None = None, owners: Owners | None = None) -> None:
         self._upstreams = upstreams
+        #: Other replicas owning digests and tags (a cluster), asked first; None: alone.
+        self._owners = owners
         #: Cross-process single-flight, when the store offers it; else per process only.
         self._claims = claims
         self._configs = configs
@@ -83,11 +86,13 @@ class ManifestService:
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=TAG_MEMO)
 
     async def get(self, target: Target, ref: Reference, accept: str | None, *,
-                  head: bool) -> ManifestResult:
+                  head: bool, ask_owner: bool = True) -> ManifestResult:
+        """``ask_owner`` False: the request comes from a peer replica, never forwarded."""
         if ref.digest is not None:
-            return await self._by_digest(target, ref.digest, accept, head=head)
+            return await self._by_digest(target, ref.digest, accept, head=head,
+                                         ask_owner=ask_owner)
         assert ref.tag is not None
-        return await self._by_tag(target, ref.tag, accept, head=head)
+        return await self._by_tag(target, ref.tag, accept, head=head, ask_owner=ask_owner)
 
     # -- cache helpers
     async def _cached(self, target: Target, digest: Digest, cache: str
@@ -142,7 +147,7 @@ class ManifestService:
 
     # -- by digest
     async def _by_digest(self, target: Target, digest: Digest, accept: str | None, *,
-                         head: bool) -> ManifestResult:
+                         head: bool, ask_owner: bool = True) -> ManifestResult:
         cfg = self._configs[target.upstream]
 
         async def confirm() -> int | None:
@@ -173,15 +178,14 @@ class ManifestService:
 
         result, joined = await self._coalescer.run(key, lambda: self._across_processes(
             f"manifest:{target.upstream}/{target.repository}@{digest}", target.upstream,
-            lambda: self._fetch(target, str(digest), media.DEFAULT_ACCEPT, expect=digest),
-            fetched))
+            lambda: self._fetch_digest(target, digest, ask_owner), fetched))
         if joined:
             self._metrics.coalesced.labels("manifest").inc()
         return result
 
     # -- by tag
     async def _by_tag(self, target: Target, tag: str, accept: str | None, *,
-                      head: bool) -> ManifestResult:
+                      head: bool, ask_owner: bool = True) -> ManifestResult:
         cfg = self._configs[target.upstream]
         rec = self._tag_record(target, tag, cfg.tag_ttl)
         if rec is not None:
@@ -205,7 +209,7 @@ class ManifestService:
         try:
             result, joined = await self._coalescer.run(
                 ("tag", target.upstream, target.repository, tag),
-                lambda: self._revalidate_once(target, tag, rec))
+                lambda: self._revalidate_once(target, tag, rec, ask_owner=ask_owner))
         except OCIError as err:
             stale = (await self._cached(target, rec.digest, "stale") if rec is not None
                      else None)
@@ -236,8 +240,8 @@ class ManifestService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _revalidate_once(self, target: Target, tag: str, rec: TagRecord | None
-                               ) -> ManifestResult:
+    async def _revalidate_once(self, target: Target, tag: str, rec: TagRecord | None, *,
+                               ask_owner: bool = True) -> ManifestResult:
         """:meth:`_revalidate`, by one of the processes sharing the store at a time: the
         others take the tag record it writes."""
         since = time.time()
@@ -252,7 +256,7 @@ class ManifestService:
 
         return await self._across_processes(
             f"tag:{target.upstream}/{target.repository}:{tag}", target.upstream,
-            lambda: self._revalidate(target, tag, rec), refreshed)
+            lambda: self._revalidate(target, tag, rec, ask_owner=ask_owner), refreshed)
 
     async def _across_processes(self, key: str, upstream: str,
                                 work: Callable[[], Awaitable[ManifestResult]],
@@ -313,10 +317,19 @@ class ManifestService:
                 return await work()
             await asyncio.sleep(PEER_POLL)
 
-    async def _revalidate(self, target: Target, tag: str, rec: TagRecord | None
-                          ) -> ManifestResult:
+    async def _revalidate(self, target: Target, tag: str, rec: TagRecord | None, *,
+                          ask_owner: bool = True) -> ManifestResult:
         """Ask upstream what the tag is now: a HEAD (free on Docker Hub), then a GET by
-        digest only when the digest changed or its content is not cached."""
+        digest only when the digest changed or its content is not cached. In a cluster the
+        replica owning the tag does that; the others ask it."""
+        if ask_owner:
+            owned = await self._from_owner(tag_key(target.upstream, target.repository, tag),
+                                           target, tag, None)
+            if owned is not None:
+                if rec is not None and rec.digest == owned.digest:
+                    owned = replace(owned, cache="hit")
+                await self._set_tag(target, tag, owned)
+                return owned
         client = self._upstreams[target.upstream]
         info = await client.head_manifest(target.repository, tag, media.DEFAULT_ACCEPT)
         new_digest = info.digest
@@ -334,6 +347,33 @@ class ManifestService:
             result = await self._fetch(target, tag, media.DEFAULT_ACCEPT, expect=None)
         await self._set_tag(target, tag, result)
         return result
+
+    async def _fetch_digest(self, target: Target, digest: Digest, ask_owner: bool
+                            ) -> ManifestResult:
+        if ask_owner:
+            owned = await self._from_owner(manifest_key(digest), target, str(digest), digest)
+            if owned is not None:
+                return owned
+        return await self._fetch(target, str(digest), media.DEFAULT_ACCEPT, expect=digest)
+
+    async def _from_owner(self, key: str, target: Target, reference: str,
+                          expect: Digest | None) -> ManifestResult | None:
+        """The owning replica's answer, verified and stored; None when this replica owns
+        ``key`` or the owner could not answer (the caller then asks upstream itself)."""
+        if self._owners is None:
+            return None
+        owned = await self._owners.manifest(key, target, reference)
+        if owned is None:
+            return None
+        actual = digest_of(owned.body, owned.digest.algorithm)
+        if actual != owned.digest or (expect is not None and actual != expect):
+            log.error("cluster.manifest_mismatch", upstream=target.upstream,
+                      repository=target.repository, reference=reference,
+                      expected=str(expect or owned.digest), actual=str(actual))
+            return None
+        media_type = media.declared_media_type(owned.body) or owned.media_type
+        await self._store_manifest(target, actual, owned.body, media_type)
+        return ManifestResult(actual, media_type, len(owned.body), owned.body, "miss")
 
     async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
         rec = TagRecord(result.digest, result.media_type, result.size, time.time())
