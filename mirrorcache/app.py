@@ -214,7 +214,7 @@ def create_app(config: Config, *, clean_temp: bool = True,
         tasks = []
         if owners is not None:
             tasks.append(asyncio.create_task(owners.membership.run()))
-            log.info("cluster.started", self=config.cluster.self_address,
+            log.info("cluster.started", member=config.cluster.self_address,
                      members=owners.membership.configured(),
                      dns=config.cluster.dns)
         if janitor_of is not None:

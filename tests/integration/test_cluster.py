@@ -1,0 +1,152 @@
+"""Replicas that act as one cache (issue 12): three ``mirrorcache serve`` processes with a
+static peer list, each on its own cache directory, in front of one Distribution upstream
+behind a counting proxy. A replica missing a digest or tag it does not own asks the owner,
+which fetches once and streams; the asker tees the stream into its own cache."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mirrorcache.cluster import signing
+from mirrorcache.proxy.owners import blob_key, tag_key
+from tests.support.countingproxy import CountingProxy, Fault
+from tests.support.images import Image, make_image, push_image
+from tests.support.mirrorcluster import SECRET, MirrorCluster
+from tests.support.mirrorproc import MirrorProcess
+from tests.support.registry import RegistryProcess
+from tests.support.skopeo import skopeo_copy
+
+pytestmark = pytest.mark.integration
+
+ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def pull(http: aiohttp.ClientSession, r: MirrorProcess, repo: str, tag: str,
+               image: Image) -> list[str]:
+    """Pull the image like a client: the manifest by tag, then every blob. Returns the
+    digests of what arrived (asserted equal to what was asked by the caller)."""
+    async with http.get(f"{r.url}/v2/{repo}/manifests/{tag}",
+                        headers={"Accept": ACCEPT}) as resp:
+        assert resp.status == 200, await resp.text()
+        got = [sha(await resp.read())]
+    for blob in image.blobs:
+        async with http.get(f"{r.url}/v2/{repo}/blobs/{blob.digest}") as resp:
+            assert resp.status == 200, await resp.text()
+            got.append(sha(await resp.read()))
+    return got
+
+
+def per_blob_gets(proxy: CountingProxy, image: Image) -> dict[str, int]:
+    return {b.digest: len([s for s in proxy.matching("GET", "blob")
+                           if s.path.endswith(b.digest)]) for b in image.blobs}
+
+
+async def test_30_cold_pulls_over_3_replicas_fetch_each_blob_once(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    image = make_image([3_000_000, 1_500_000, 700_000], raw=True)
+    await push_image(registry.url, unique_repo, image, "v1")
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url) as cluster, \
+            aiohttp.ClientSession() as http:
+        # A slowish upstream (10 ms per 64 KiB), so the pulls overlap the fetches.
+        proxy.add_fault(Fault.slow(0.01, method="GET", kind="blob", times=None))
+        want = [image.digest, *(b.digest for b in image.blobs)]
+        clients = [asyncio.ensure_future(pull(http, cluster.replicas[i % 3], unique_repo,
+                                              "v1", image)) for i in range(27)]
+        copies = [asyncio.ensure_future(skopeo_copy(
+            f"docker://{r.host}/{unique_repo}:v1", tmp_path / f"skopeo{i}"))
+            for i, r in enumerate(cluster.replicas)]
+        for got in await asyncio.gather(*clients):
+            assert got == want
+        for copy in await asyncio.gather(*copies):
+            for b in image.blobs:
+                assert sha((copy.dest_dir / b.digest.split(":")[1]).read_bytes()) == b.digest
+        assert per_blob_gets(proxy, image) == {b.digest: 1 for b in image.blobs}
+        assert proxy.count("GET", "manifest") == 1
+        assert proxy.count("HEAD", "manifest") == 1
+        # Every replica now holds its own verified copy: a second round is all cache.
+        proxy.reset()
+        for r in cluster.replicas:
+            assert await pull(http, r, unique_repo, "v1", image) == want
+        assert proxy.count("GET", "blob") == 0
+        # The non-owners asked the owners: peer requests happened and none fell back.
+        ok = [await cluster.metric(r, "mirrorcache_peer_requests_total", result="ok")
+              for r in cluster.replicas]
+        assert sum(ok) >= 2 * len(image.blobs)
+        assert sum([await cluster.metric(r, "mirrorcache_peer_fallbacks_total")
+                    for r in cluster.replicas]) == 0
+
+
+async def test_peer_endpoint_needs_the_secret_and_is_not_reachable_from_v2(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    image = make_image([50_000], raw=True)
+    await push_image(registry.url, unique_repo, image, "v1")
+    blob = image.layers[0]
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url, n=2) as cluster, \
+            aiohttp.ClientSession() as http:
+        r = cluster.replicas[0]
+        path = (f"/_mirrorcache/peer/v1/blobs/{blob.digest}?upstream=docker.io"
+                f"&repository={unique_repo.replace('/', '%2F')}")
+        url = f"{r.url}{path}"
+        # No signature, a wrong secret, a stale timestamp, a signature for another repo.
+        forged = [
+            {},
+            signing.headers("x" * 32, "GET", path, time.time()),
+            signing.headers(SECRET, "GET", path, time.time() - 120),
+            signing.headers(SECRET, "GET", path.replace(unique_repo.replace("/", "%2F"),
+                                                        "other%2Frepo"), time.time()),
+            {signing.TIME_HEADER: str(int(time.time())), signing.SIGNATURE_HEADER: "0" * 64},
+        ]
+        for headers in forged:
+            async with http.get(yarl_url(url), headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["errors"][0]["code"] == "UNAUTHORIZED"
+        # The right signature works (the owner's own single-flight fetches it).
+        async with http.get(yarl_url(url),
+                            headers=signing.headers(SECRET, "GET", path, time.time())) as resp:
+            assert resp.status == 200
+            assert sha(await resp.read()) == blob.digest
+        served = await cluster.metric(r, "mirrorcache_peer_served_total")
+        assert served == 1
+        # The public routes never turn into peer requests, forged headers or not.
+        good = signing.headers(SECRET, "GET", path, time.time())
+        for public in (f"/v2/..{path}", f"/v2/_mirrorcache/peer/v1/blobs/{blob.digest}",
+                       f"/v2/%2e%2e{path}", f"/v2/{unique_repo}/..{path}"):
+            async with http.get(yarl_url(r.url + public), headers=good) as resp:
+                body = await resp.read()
+                assert resp.status in (400, 404), (public, resp.status)
+                assert sha(body) != blob.digest
+        assert await cluster.metric(r, "mirrorcache_peer_served_total") == served
+        # A client's blob request with peer headers is a plain client request.
+        proxy.reset()
+        other = make_image([60_000], raw=True)
+        await push_image(registry.url, unique_repo, other, "v2")
+        layer = other.layers[0]
+        owner = cluster.owner(blob_key(layer.digest))
+        asker = next(x for x in cluster.replicas if x is not owner)
+        p2 = f"/v2/{unique_repo}/blobs/{layer.digest}"
+        async with http.get(f"{asker.url}{p2}",
+                            headers=signing.headers(SECRET, "GET", p2, time.time())) as resp:
+            assert resp.status == 200 and sha(await resp.read()) == layer.digest
+        # ... so the non-owner still asked the owner, which fetched it once.
+        assert await cluster.metric(owner, "mirrorcache_peer_served_total", kind="blob") >= 1
+        assert per_blob_gets(proxy, other)[layer.digest] == 1
+
+
+def yarl_url(url: str) -> object:
+    import yarl
+
+    return yarl.URL(url, encoded=True)

@@ -1,0 +1,98 @@
+"""N ``mirrorcache serve`` processes forming one cluster (static peer list) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import yaml
+
+from mirrorcache.cluster import hrw
+from tests.support.mirror import mirror_config
+from tests.support.mirrorproc import MirrorProcess
+
+SECRET = "test-cluster-secret-0123456789abcdef"
+
+
+class MirrorCluster:
+    """``async with MirrorCluster(tmp, upstream_url) as c:`` -> c.replicas, all healthy."""
+
+    def __init__(self, root: Path, upstream_url: str, n: int = 3, *,
+                 upstream: dict[str, Any] | None = None, workers: int = 1,
+                 **cluster: Any) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.secret_file = root / "cluster.secret"
+        self.secret_file.write_text(SECRET + "\n")
+        self.replicas = [MirrorProcess({}, root / f"r{i}", workers=workers) for i in range(n)]
+        self._upstream = {"url": upstream_url, **(upstream or {})}
+        self._cluster = {"probe_interval": "0.3s", **cluster}
+        self.write_configs([r.host for r in self.replicas])
+
+    def write_configs(self, peers: list[str], only: list[MirrorProcess] | None = None) -> None:
+        for r in only or self.replicas:
+            raw = mirror_config(r.workdir, {"docker.io": self._upstream})
+            raw.update({"listen": r.host, "workers": r.workers,
+                        "log": {"level": "info", "format": "json"},
+                        "cluster": {"peers": peers, "secret_file": str(self.secret_file),
+                                    **self._cluster}})
+            r.config_path.write_text(yaml.safe_dump(raw))
+
+    @property
+    def hosts(self) -> list[str]:
+        return [r.host for r in self.replicas]
+
+    def owner(self, key: str, among: list[MirrorProcess] | None = None) -> MirrorProcess:
+        members = among or self.replicas
+        host = hrw.owner(key, [r.host for r in members])
+        return next(r for r in members if r.host == host)
+
+    async def metric(self, r: MirrorProcess, name: str, **labels: str) -> float:
+        async with aiohttp.ClientSession() as http, http.get(f"{r.url}/metrics") as resp:
+            text = await resp.text()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, rest = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    async def wait_healthy(self, replicas: list[MirrorProcess] | None = None,
+                           count: int | None = None, timeout: float = 20.0) -> None:
+        """Until every replica sees ``count`` healthy members (all by default)."""
+        replicas = replicas or self.replicas
+        count = count or len(replicas)
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [await self.metric(r, "mirrorcache_cluster_members", health="healthy")
+                    for r in replicas]
+            if all(s == count for s in seen):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"members seen healthy: {seen}, want {count}")
+            await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> MirrorCluster:
+        try:
+            await asyncio.gather(*(r.start() for r in self.replicas))
+            await self.wait_healthy()
+        except BaseException:
+            for r in self.replicas:
+                if r.proc is not None and r.proc.poll() is None:
+                    r.kill_all()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for r in self.replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                r.kill_all() if et is not None else await r.stop()
