@@ -81,6 +81,12 @@ async def test_30_cold_pulls_over_3_replicas_fetch_each_blob_once(
         for r in cluster.replicas:
             assert await pull(http, r, unique_repo, "v1", image) == want
         assert proxy.count("GET", "blob") == 0
+        # ... because every replica teed what it streamed into its own cache directory.
+        for r in cluster.replicas:
+            for b in image.blobs:
+                hexd = b.digest.removeprefix("sha256:")
+                stored = r.workdir / "cache" / "blobs" / "sha256" / hexd[:2] / hexd
+                assert sha(stored.read_bytes()) == b.digest
         # The non-owners asked the owners: peer requests happened and none fell back.
         ok = [await cluster.metric(r, "mirrorcache_peer_requests_total", result="ok")
               for r in cluster.replicas]
@@ -150,3 +156,125 @@ def yarl_url(url: str) -> object:
     import yarl
 
     return yarl.URL(url, encoded=True)
+
+
+async def test_tag_revalidation_after_ttl_asked_of_all_three_is_one_head(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    image = make_image([10_000], raw=True)
+    await push_image(registry.url, unique_repo, image, "v1")
+    ttl = 1.0
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url, upstream={"tag_ttl": f"{ttl}s"}
+                          ) as cluster, aiohttp.ClientSession() as http:
+
+        async def tag(r: MirrorProcess) -> bytes:
+            async with http.get(f"{r.url}/v2/{unique_repo}/manifests/v1",
+                                headers={"Accept": ACCEPT}) as resp:
+                assert resp.status == 200
+                return await resp.read()
+
+        assert await asyncio.gather(*(tag(r) for r in cluster.replicas)) == \
+            [image.manifest] * 3
+        assert (proxy.count("HEAD", "manifest"), proxy.count("GET", "manifest")) == (1, 1)
+        # The records must really be past their TTL: a subprocess has no injectable clock.
+        await asyncio.sleep(ttl + 0.2)
+        proxy.reset()
+        got = await asyncio.gather(*(tag(r) for r in cluster.replicas * 3))
+        assert got == [image.manifest] * 9
+        assert proxy.count("HEAD", "manifest") == 1
+        assert proxy.count("GET", "manifest") == 0
+        owner = cluster.owner(tag_key("docker.io", unique_repo, "v1"))
+        assert await cluster.metric(owner, "mirrorcache_peer_served_total",
+                                    kind="manifest") >= 4  # 2 askers, twice
+
+
+async def test_owner_killed_mid_download_replicas_fall_back_to_upstream(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    image = make_image([8 << 20], raw=True)
+    layer = image.layers[0]
+    await push_image(registry.url, unique_repo, image, "v1")
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url) as cluster, \
+            aiohttp.ClientSession() as http:
+        owner = cluster.owner(blob_key(layer.digest))
+        others = [r for r in cluster.replicas if r is not owner]
+        # The owner's upstream fetch is slow (30 ms per 64 KiB: ~4 s for 8 MiB).
+        proxy.add_fault(Fault.slow(0.03, method="GET", kind="blob"))
+
+        async def get(r: MirrorProcess) -> str:
+            async with http.get(f"{r.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
+                assert resp.status == 200
+                return sha(await resp.read())
+
+        clients = [asyncio.ensure_future(get(r)) for r in others for _ in range(3)]
+
+        def spooled(r: MirrorProcess) -> int:
+            return max((p.stat().st_size for p in (r.workdir / "cache" / "tmp").iterdir()
+                        if not p.name.endswith(".lock")), default=0)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not all(spooled(r) > 1 << 20 for r in others):
+            assert loop.time() < deadline, [spooled(r) for r in others]
+            await asyncio.sleep(0.02)
+        owner.kill_all()
+        assert await asyncio.gather(*clients) == [layer.digest] * 6
+        gets = [s for s in proxy.matching("GET", "blob") if s.path.endswith(layer.digest)]
+        # The owner's one GET, then one Range resume per surviving replica.
+        print(f"\nowner killed mid-download: {len(gets)} upstream GETs "
+              f"({len(gets) - 1} extra, resumes)")
+        assert len(gets) == 1 + len(others)
+        for r in others:
+            assert await cluster.metric(r, "mirrorcache_peer_fallbacks_total") == 1
+            hexd = layer.digest.removeprefix("sha256:")
+            stored = r.workdir / "cache" / "blobs" / "sha256" / hexd[:2] / hexd
+            assert sha(stored.read_bytes()) == layer.digest
+        # The dead owner is left out of ownership and pulls keep working.
+        await cluster.wait_healthy(others, count=2)
+        more = make_image([40_000] * 4, raw=True)
+        await push_image(registry.url, unique_repo, more, "v2")
+        proxy.reset()
+        got = await asyncio.gather(*(pull(http, r, unique_repo, "v2", more)
+                                     for r in others * 2))
+        assert got == [[more.digest, *(b.digest for b in more.blobs)]] * 4
+        assert per_blob_gets(proxy, more) == {b.digest: 1 for b in more.blobs}
+
+
+def image_with_blobs_owned_by(cluster: MirrorCluster, member: MirrorProcess) -> Image:
+    rng = random.Random(7)
+    while True:
+        image = make_image([rng.randrange(20_000, 60_000) for _ in range(6)], raw=True)
+        if sum(cluster.owner(blob_key(b.digest)) is member for b in image.blobs) >= 2:
+            return image
+
+
+@pytest.mark.parametrize("how", ["sighup", "stopped"])
+async def test_member_removed_or_stopped_its_keys_move(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str, how: str) -> None:
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url) as cluster, \
+            aiohttp.ClientSession() as http:
+        gone = cluster.replicas[2]
+        rest = cluster.replicas[:2]
+        image = image_with_blobs_owned_by(cluster, gone)
+        await push_image(registry.url, unique_repo, image, "v1")
+        if how == "sighup":
+            cluster.write_configs([r.host for r in rest], only=rest)
+            for r in rest:
+                r.signal(signal.SIGHUP)
+        else:
+            await gone.stop()
+        await cluster.wait_healthy(rest, count=2)
+        if how == "sighup":
+            for r in rest:
+                assert r.events("cluster.members_changed")[-1]["removed"] == [gone.host]
+        got = await asyncio.gather(*(pull(http, r, unique_repo, "v1", image)
+                                     for r in rest * 3))
+        assert got == [[image.digest, *(b.digest for b in image.blobs)]] * 6
+        assert per_blob_gets(proxy, image) == {b.digest: 1 for b in image.blobs}
+        assert proxy.count("GET", "manifest") == 1
+        # The blobs the removed member owned moved to the two left; nobody asked it.
+        for r in rest:
+            assert await cluster.metric(r, "mirrorcache_peer_fallbacks_total") == 0
+        if how == "sighup":
+            assert await cluster.metric(gone, "mirrorcache_peer_served_total") == 0
