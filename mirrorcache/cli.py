@@ -150,6 +150,17 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    """Members, their health, and the owner of a digest or reference (exit 1 if any member
+    is unhealthy)."""
+    from mirrorcache.cluster.status import run
+
+    config = _load(args)
+    if config is None:
+        return 2
+    return run(config, args.what, args.json)
+
+
 def split_image_reference(ref: str) -> tuple[str, str | None]:
     """``name[:tag][@digest]`` -> (name, tag); a digest reference yields tag None."""
     name = ref.split("@", 1)[0]
@@ -210,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     ptest.add_argument("--group", action="append", default=[],
                        help="extra group for --user (groups from auth.groups are added)")
     ptest.set_defaults(func=cmd_policy_test)
+    cluster = sub.add_parser("cluster", help="cluster tools")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    cstatus = cluster_sub.add_parser(
+        "status", help="members seen, their health, and who owns a digest or reference",
+        description="Exit status: 0 all members healthy, 1 some unhealthy, 2 error.")
+    cstatus.add_argument("what", nargs="?", help="a digest (sha256:...) or an image "
+                         "reference (alpine:3.19, quay.io/org/app@sha256:...)")
+    cstatus.add_argument("--config", help="config file (default: $MIRRORCACHE_CONFIG)")
+    cstatus.add_argument("--json", action="store_true", help="JSON instead of text")
+    cstatus.set_defaults(func=cmd_cluster_status)
     return parser
 
 

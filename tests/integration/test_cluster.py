@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -278,3 +280,18 @@ async def test_member_removed_or_stopped_its_keys_move(
             assert await cluster.metric(r, "mirrorcache_peer_fallbacks_total") == 0
         if how == "sighup":
             assert await cluster.metric(gone, "mirrorcache_peer_served_total") == 0
+            return
+        # `mirrorcache cluster status` sees the stopped member and names the owners.
+        moved = next(b for b in image.blobs if cluster.owner(blob_key(b.digest)) is gone)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mirrorcache", "cluster", "status", "--config",
+            str(rest[0].config_path), "--json", moved.digest,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 1, err.decode()  # one member unhealthy
+        doc = json.loads(out)
+        assert {m["member"]: m["healthy"] for m in doc["members"]} == {
+            rest[0].host: True, rest[1].host: True, gone.host: False}
+        blob_owner = next(o for o in doc["owners"] if o["of"] == "blob")
+        assert blob_owner["owner_if_all_healthy"] == gone.host
+        assert blob_owner["owner"] == cluster.owner(blob_key(moved.digest), rest).host
