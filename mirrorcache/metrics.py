@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class Metrics:
-    """The collectors mirrorcache exports on /metrics."""
+    """The collectors mirrorcache exports on /metrics.
+
+    With ``--workers N`` the supervisor sets PROMETHEUS_MULTIPROC_DIR (see server.py): every
+    worker's values live in files there and :meth:`exposition` sums the process group, so a
+    scrape of any worker sees one target.
+    """
 
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "mirrorcache_requests", "Client requests", ["method", "kind", "status", "cache"],
@@ -36,11 +45,11 @@ class Metrics:
         )
         self.ratelimit_remaining = Gauge(
             "mirrorcache_upstream_ratelimit_remaining", "Last ratelimit-remaining seen",
-            ["upstream"], registry=self.registry,
+            ["upstream"], registry=self.registry, multiprocess_mode="mostrecent",
         )
         self.breaker_open = Gauge(
             "mirrorcache_upstream_breaker_open", "1 while an upstream's circuit is open",
-            ["upstream"], registry=self.registry,
+            ["upstream"], registry=self.registry, multiprocess_mode="livemax",
         )
         self.policy_denied = Counter(
             "mirrorcache_policy_denied", "Requests refused by policy", ["upstream"],
@@ -48,11 +57,11 @@ class Metrics:
         )
         self.cache_bytes = Gauge(
             "mirrorcache_cache_bytes", "Bytes of committed content in the cache (as of the "
-            "last sweep)", ["backend"], registry=self.registry,
+            "last sweep)", ["backend"], registry=self.registry, multiprocess_mode="mostrecent",
         )
         self.cache_limit = Gauge(
             "mirrorcache_cache_limit_bytes", "storage.max_size (0: no limit)",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )
         self.evicted_bytes = Counter(
             "mirrorcache_evicted_bytes", "Bytes evicted from the cache", ["reason"],
@@ -77,5 +86,13 @@ class Metrics:
         )
         self.cluster_members = Gauge(
             "mirrorcache_cluster_members", "Members seen, by health", ["health"],
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or the whole process group."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        group = CollectorRegistry()
+        MultiProcessCollector(group, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(group)

@@ -15,12 +15,16 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import structlog
 from aiohttp import web
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 from mirrorcache.app import create_app
 from mirrorcache.config import Config
@@ -130,6 +134,7 @@ def serve(config: Config) -> int:
         return 0
     configure_logging(config.log.level, config.log.format)
     asyncio.run(FilesystemBlobStore(config.storage.filesystem.path).cleanup_temp())
+    metrics_dir = _multiprocess_metrics_dir()
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     started: dict[int, float] = {}
@@ -163,14 +168,33 @@ def serve(config: Config) -> int:
             if p.is_alive():
                 continue
             del procs[index]
+            if p.pid is not None:
+                prometheus_multiprocess.mark_process_dead(p.pid)  # type: ignore[no-untyped-call]
             if stopping:
                 continue
             log.error("server.worker_died", worker=index, exitcode=p.exitcode)
             if time.monotonic() - started[index] < RESTART_BACKOFF:
                 time.sleep(RESTART_BACKOFF)
             start(index)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("server.stopped")
     return 0
+
+
+def _multiprocess_metrics_dir() -> str | None:
+    """/metrics of any worker reports the whole process group: the workers (spawned, so they
+    import prometheus_client afresh) keep their values in PROMETHEUS_MULTIPROC_DIR, a fresh
+    directory of ours (returned, removed at exit) unless the environment names one (emptied
+    of a previous run's files)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        for leftover in Path(given).glob("*.db"):
+            leftover.unlink(missing_ok=True)
+        return None
+    path = tempfile.mkdtemp(prefix="mirrorcache-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 if __name__ == "__main__":  # pragma: no cover
