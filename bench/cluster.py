@@ -37,13 +37,13 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.countingproxy import CountingProxy  # noqa: E402
-from tests.support.images import Image, make_image, push_image  # noqa: E402
-from tests.support.mirror import mirror_config  # noqa: E402
-from tests.support.mirrorcluster import MirrorCluster  # noqa: E402
-from tests.support.mirrorproc import MirrorProcess  # noqa: E402
-from tests.support.ports import free_port  # noqa: E402
-from tests.support.registry import RegistryProcess  # noqa: E402
+from tests.support.countingproxy import CountingProxy
+from tests.support.images import Image, make_image, push_image
+from tests.support.mirror import mirror_config
+from tests.support.mirrorcluster import MirrorCluster
+from tests.support.mirrorproc import MirrorProcess
+from tests.support.ports import free_port
+from tests.support.registry import RegistryProcess
 
 CHUNK = 1 << 20
 

@@ -25,6 +25,7 @@ from tests.support.mirrorcluster import SECRET, MirrorCluster
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -214,11 +215,8 @@ async def test_owner_killed_mid_download_replicas_fall_back_to_upstream(
             return max((p.stat().st_size for p in (r.workdir / "cache" / "tmp").iterdir()
                         if not p.name.endswith(".lock")), default=0)
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while not all(spooled(r) > 1 << 20 for r in others):
-            assert loop.time() < deadline, [spooled(r) for r in others]
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: all(spooled(r) > 1 << 20 for r in others), timeout=20,
+                         what="both replicas receiving the owner's stream")
         owner.kill_all()
         assert await asyncio.gather(*clients) == [layer.digest] * 6
         gets = [s for s in proxy.matching("GET", "blob") if s.path.endswith(layer.digest)]
