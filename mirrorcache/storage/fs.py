@@ -166,12 +166,7 @@ class FsBlobWriter:
         return BlobInfo(self.digest, self._written)
 
     def _unlink(self) -> None:
-        try:
-            self._path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("storage.unlink_failed", path=str(self._path), error=exc.strerror)
+        _unlink_quietly(self._path)
 
     async def cancel(self) -> None:
         await self._drain_quietly()
@@ -179,6 +174,16 @@ class FsBlobWriter:
         with contextlib.suppress(StorageError):
             self._close_fd()
         self._unlink()
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Remove a file of ours; gone already is fine, any other failure is logged, not raised."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("storage.unlink_failed", path=str(path), error=exc.strerror)
 
 
 class FsFetchClaim:
@@ -213,12 +218,7 @@ class FsFetchClaim:
         """Remove the claim file (while still holding the lock, so nobody can be handed a
         lock on a file that is gone) and close it; nothing is left in tmp/ either way.
         A follower that finds no claim file looks for the blob, then fetches it itself."""
-        try:
-            self._path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("storage.unlink_failed", path=str(self._path), error=exc.strerror)
+        _unlink_quietly(self._path)
         with contextlib.suppress(OSError):
             os.close(self._fd)
 

@@ -5,7 +5,6 @@ directory (two workers) and concurrent clients pulling one image fetch each mani
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,16 +15,9 @@ from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import make_multiarch, push_image
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
 
 
 def peer_follows(*mirrors: Mirror) -> float:
@@ -53,7 +45,7 @@ async def test_concurrent_pulls_on_two_workers_fetch_each_manifest_once(
             proxy.add_fault(Fault.hold(gate, method="GET", kind="manifest", times=None))
             tag = [asyncio.ensure_future(fetch(http, f"{m.url}/v2/{unique_repo}/manifests/v1"))
                    for m in (one, two, one, two)]
-            await until(lambda: proxy.count("GET", "manifest") >= 1
+            await wait_until(lambda: proxy.count("GET", "manifest") >= 1
                         and peer_follows(one, two) >= 1)
             gate.set()
             assert await asyncio.gather(*tag) == [(200, index.manifest)] * 4
@@ -64,7 +56,7 @@ async def test_concurrent_pulls_on_two_workers_fetch_each_manifest_once(
             children = [asyncio.ensure_future(
                 fetch(http, f"{m.url}/v2/{unique_repo}/manifests/{child.digest}"))
                 for child in index.manifests for m in (one, two, two)]
-            await until(lambda: proxy.count("GET", "manifest") >= 2
+            await wait_until(lambda: proxy.count("GET", "manifest") >= 2
                         and peer_follows(one, two) >= 1 + len(index.manifests))
             gate.set()
             got = await asyncio.gather(*children)
@@ -93,9 +85,9 @@ async def test_waiting_worker_takes_over_when_the_fetching_one_fails(
                 aiohttp.ClientSession() as http:
             url = f"/v2/{unique_repo}/manifests/{child.digest}"
             first = asyncio.ensure_future(fetch(http, one.url + url))
-            await until(lambda: proxy.count("GET", "manifest") == 1)
+            await wait_until(lambda: proxy.count("GET", "manifest") == 1)
             second = asyncio.ensure_future(fetch(http, two.url + url))
-            await until(lambda: peer_follows(two) == 1)
+            await wait_until(lambda: peer_follows(two) == 1)
             status, _ = await first
             assert status in (502, 503, 504)
             # Worker two was waiting for worker one's fetch, then fetched it itself.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +19,7 @@ from tests.support.images import make_image, push_image
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import copied_blob_digests, manifest_digest, skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,6 @@ async def fetch(http: aiohttp.ClientSession, url: str, method: str = "GET"
                 ) -> tuple[int, bytes]:
     async with http.request(method, url) as resp:
         return resp.status, await resp.read()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
 
 
 async def _two_repos(registry: RegistryProcess, unique_repo: str, size: int = 2_000_000
@@ -68,7 +60,7 @@ async def test_inflight_blob_not_served_to_another_repository(
             blobs = m.app[SERVICES].blobs
             async with aiohttp.ClientSession() as http:
                 leader = asyncio.ensure_future(fetch(http, f"{m.url}/v2/{private}/blobs/{digest}"))
-                await until(lambda: blobs.inflight == 1)
+                await wait_until(lambda: blobs.inflight == 1)
                 status, body = await fetch(http, f"{m.url}/v2/{public}/blobs/{digest}")
                 assert status == 404 and _error_code(body) == "BLOB_UNKNOWN"
                 assert data[:1000] not in body
@@ -95,7 +87,7 @@ async def test_peer_process_fetch_not_followed_for_another_repository(
             async with aiohttp.ClientSession() as http:
                 leader = asyncio.ensure_future(
                     fetch(http, f"{one.url}/v2/{private}/blobs/{digest}"))
-                await until(lambda: one.app[SERVICES].blobs.inflight == 1
+                await wait_until(lambda: one.app[SERVICES].blobs.inflight == 1
                             and proxy.count("GET", "blob") == 1)
                 status, body = await fetch(http, f"{two.url}/v2/{public}/blobs/{digest}")
                 assert status == 404 and _error_code(body) == "BLOB_UNKNOWN"
@@ -121,7 +113,7 @@ async def test_manifest_by_digest_not_served_to_another_repository(
             async with aiohttp.ClientSession() as http:
                 leader = asyncio.ensure_future(
                     fetch(http, f"{m.url}/v2/{private}/manifests/{img.digest}"))
-                await until(lambda: proxy.count("GET", "manifest") == 1)
+                await wait_until(lambda: proxy.count("GET", "manifest") == 1)
                 status, body = await fetch(http, f"{m.url}/v2/{public}/manifests/{img.digest}")
                 assert status == 404 and _error_code(body) == "MANIFEST_UNKNOWN"
                 status, body = await leader

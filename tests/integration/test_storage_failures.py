@@ -7,7 +7,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, make_image, push
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import copied_blob_digests, manifest_digest, skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +42,6 @@ def sha(data: bytes) -> str:
 async def get(url: str, method: str = "GET", **kw: Any) -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession() as http, http.request(method, url, **kw) as resp:
         return resp.status, dict(resp.headers), await resp.read()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
 
 
 class _DiskFullWriter(FsBlobWriter):
@@ -171,12 +164,12 @@ async def test_client_gone_before_bypass_headers_releases_the_upstream(
             writer.write(f"GET /v2/{unique_repo}/blobs/{second.digest} HTTP/1.1\r\n"
                          f"Host: {mirror.host}\r\n\r\n".encode())
             await writer.drain()
-            await until(lambda: proxy.count("GET", "blob") == 1 and client.in_flight == 1)
+            await wait_until(lambda: proxy.count("GET", "blob") == 1 and client.in_flight == 1)
             writer.close()
             await writer.wait_closed()
-            await until(lambda: guard.total == 0)  # the mirror saw the client go
+            await wait_until(lambda: guard.total == 0)  # the mirror saw the client go
             gate.set()  # upstream answers now, to a request nobody waits for
-            await until(lambda: any(e["event"] == "request.finished" for e in logs))
+            await wait_until(lambda: any(e["event"] == "request.finished" for e in logs))
         finished = [e for e in logs if e["event"] == "request.finished"]
         # Released by the handler itself, not later by garbage collection of its generator.
         assert [(e["error"], e["bytes"], e["upstream_in_flight"]) for e in finished] == [
