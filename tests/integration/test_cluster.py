@@ -130,6 +130,18 @@ async def test_peer_endpoint_needs_the_secret_and_is_not_reachable_from_v2(
             assert sha(await resp.read()) == blob.digest
         served = await cluster.metric(r, "mirrorcache_peer_served_total")
         assert served == 1
+        # The owner's repository rule decides what the asker names: the blob is cached now,
+        # but another repository that upstream says lacks it does not get it.
+        await push_image(registry.url, unique_repo + "-other", make_image([1000], raw=True),
+                         "v1")
+        elsewhere = path.replace(unique_repo.replace("/", "%2F"),
+                                 (unique_repo + "-other").replace("/", "%2F"))
+        async with http.get(yarl_url(f"{r.url}{elsewhere}"),
+                            headers=signing.headers(SECRET, "GET", elsewhere,
+                                                    time.time())) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        served += 1
         # The public routes never turn into peer requests, forged headers or not.
         good = signing.headers(SECRET, "GET", path, time.time())
         for public in (f"/v2/..{path}", f"/v2/_mirrorcache/peer/v1/blobs/{blob.digest}",

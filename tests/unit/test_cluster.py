@@ -102,3 +102,26 @@ def test_cluster_config_problems(cluster: object, problem: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(_raw(cluster), {})
     assert any(p.startswith(problem) for p in exc.value.problems), exc.value.problems
+
+
+async def test_membership_dns_health_and_ownership() -> None:
+    import aiohttp
+
+    from mirrorcache.cluster.membership import Membership
+    from mirrorcache.config import ClusterConfig
+    from mirrorcache.metrics import Metrics
+
+    cfg = ClusterConfig(dns="localhost:1", self_address="127.0.0.9:1", secret="x" * 16)
+    metrics = Metrics()
+    async with aiohttp.ClientSession() as session:
+        m = Membership(cfg, session, metrics)
+        await m.resolve()
+        assert "127.0.0.1:1" in m.configured() and "127.0.0.9:1" in m.configured()
+        # Nothing listens on port 1: the probe marks the peers down, only self owns keys.
+        await m.probe_all()
+        assert m.members() == ["127.0.0.9:1"]
+        assert m.owner("blob:sha256:00") == "127.0.0.9:1"
+        assert metrics.registry.get_sample_value("mirrorcache_cluster_members",
+                                                 {"health": "unhealthy"}) >= 1
+        m.set_peers([], "test")
+        assert m.configured() == ["127.0.0.9:1"]
