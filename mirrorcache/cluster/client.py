@@ -142,6 +142,10 @@ class PeerClient:
                     digest = Digest.parse(resp.headers.get("Docker-Content-Digest", ""))
                 except OCIError:
                     raise PeerUnavailable("error", "no digest in the owner's answer") from None
+                if "Warning" in resp.headers:
+                    # The owner served a stale copy (its upstream failing): not an answer to
+                    # trust for a whole TTL; this replica tries upstream itself.
+                    raise PeerUnavailable("stale", resp.headers["Warning"][:200])
                 if len(body) > media.MAX_MANIFEST_BYTES:
                     raise PeerUnavailable("error", "manifest too large")
                 mt = resp.headers.get("Content-Type", "") or media.sniff_media_type(body)

@@ -48,6 +48,14 @@ class Membership:
         self._health: dict[str, PeerHealth] = {}
         self._changed = asyncio.Event()
 
+    def check_self(self) -> None:
+        """A static list that does not name this replica as the others do makes it its own
+        peer under another name: every replica would disagree on owners."""
+        if self.cfg.dns is None and self._peers and self.self_address not in self._peers:
+            log.warning("cluster.self_not_in_peers", member=self.self_address,
+                        peers=sorted(self._peers),
+                        hint="set cluster.self to this replica's entry in cluster.peers")
+
     # -- the member list
     def configured(self) -> list[str]:
         """Every member, healthy or not, this replica included."""
@@ -152,6 +160,7 @@ class Membership:
 
     async def run(self) -> None:
         """Resolve (dns) and probe, forever."""
+        self.check_self()
         self._update_gauge()
         next_dns = 0.0
         while True:

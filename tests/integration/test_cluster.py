@@ -305,3 +305,33 @@ async def test_member_removed_or_stopped_its_keys_move(
         blob_owner = next(o for o in doc["owners"] if o["of"] == "blob")
         assert blob_owner["owner_if_all_healthy"] == gone.host
         assert blob_owner["owner"] == cluster.owner(blob_key(moved.digest), rest).host
+
+
+async def test_owner_serving_stale_is_not_trusted_for_a_ttl(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    image = make_image([10_000], raw=True)
+    await push_image(registry.url, unique_repo, image, "v1")
+    ttl = 1.0
+    async with CountingProxy(registry.url) as proxy, \
+            MirrorCluster(tmp_path / "c", proxy.url, upstream={
+                "tag_ttl": f"{ttl}s", "max_retries": 0}) as cluster, \
+            aiohttp.ClientSession() as http:
+
+        async def tag(r: MirrorProcess) -> tuple[int, bytes, str | None]:
+            async with http.get(f"{r.url}/v2/{unique_repo}/manifests/v1",
+                                headers={"Accept": ACCEPT}) as resp:
+                return resp.status, await resp.read(), resp.headers.get("Warning")
+
+        for r in cluster.replicas:
+            assert (await tag(r))[:2] == (200, image.manifest)
+        await asyncio.sleep(ttl + 0.2)  # past the TTL (no injectable clock in a subprocess)
+        proxy.add_fault(Fault.status(503, method="HEAD", kind="manifest", times=None))
+        owner = cluster.owner(tag_key("docker.io", unique_repo, "v1"))
+        others = [r for r in cluster.replicas if r is not owner]
+        for r in others:
+            status, body, warning = await tag(r)
+            assert (status, body) == (200, image.manifest)
+            assert warning is not None and "stale" in warning
+            # The owner answered stale: this replica asked upstream itself, and failed too.
+            assert await cluster.metric(r, "mirrorcache_peer_requests_total",
+                                        kind="manifest", result="stale") == 1
