@@ -46,6 +46,8 @@ class Plan:
     evictions: tuple[Eviction, ...]
     kept_pinned: int
     kept_recent: int
+    #: When ``total`` was counted (wall time, comparable across processes; 0: unknown).
+    counted_at: float = 0.0
 
     @property
     def freed(self) -> int:
@@ -111,9 +113,10 @@ def plan_eviction(blobs: Mapping[str, int], units: list[Unit], *, now: float,
                   max_size: int | None, high: float, low: float,
                   free: int | None, min_free: int, unused_for: float | None,
                   protect_recent: float, recent_blobs: set[str],
-                  force: bool = False) -> Plan:
+                  force: bool = False, reserve: int = 0) -> Plan:
     """Which units to evict. ``force``: evict down to the low watermark even if the high
-    one is not crossed (``mirrorcache gc``)."""
+    one is not crossed (``mirrorcache gc``). ``reserve``: bytes about to be written (a write
+    at the high watermark asks for room): counted as if already stored."""
     total = sum(blobs.values())
     refcount: dict[str, int] = {}
     for u in units:
@@ -157,9 +160,9 @@ def plan_eviction(blobs: Mapping[str, int], units: list[Unit], *, now: float,
             rest.append(u)
 
     def over(threshold: float) -> bool:
-        if max_size is not None and current > max_size * threshold:
+        if max_size is not None and current + reserve > max_size * threshold:
             return True
-        return free_now is not None and min_free > 0 and free_now < min_free
+        return free_now is not None and min_free > 0 and free_now - reserve < min_free
 
     if over(high) or (force and over(low)):
         kept_recent = 0
