@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from mirrorcache.config import LifecycleConfig, RetentionConfig, SizeLimits
 from mirrorcache.lifecycle.db import LifecycleDB
+from mirrorcache.lifecycle.plan import build_units, plan_eviction
 from mirrorcache.lifecycle.space import SpaceGuard, SpaceGuardedStore
 from mirrorcache.lifecycle.sweeper import Sweeper
 from mirrorcache.oci.reference import Digest
@@ -98,6 +99,25 @@ async def test_forced_sweep_makes_room_for_the_incoming_bytes(tmp_path: Path) ->
         assert _on_disk(fs) == {old[1], new}
     finally:
         db.close()
+
+
+def test_reserve_evicts_what_the_write_needs_and_no_more() -> None:
+    # 900 stored in nine old units, high 900, low 800. Down to the low watermark is one unit;
+    # a 50-byte write then fits under the high one (850): no second unit for it. A 150-byte
+    # write does not (950): one more.
+    blobs = {f"b{i}": 100 for i in range(9)}
+    access = {d: (float(i), 1, False) for i, d in enumerate(blobs)}
+
+    def evicted(reserve: int) -> list[str]:
+        units = build_units(blobs, access, {}, set())
+        plan = plan_eviction(blobs, units, now=1000.0, max_size=1000, high=0.9, low=0.8,
+                             free=None, min_free=0, unused_for=None, protect_recent=10,
+                             recent_blobs=set(), force=True, reserve=reserve)
+        return [e.root for e in plan.evictions]
+
+    assert evicted(0) == ["b0"]
+    assert evicted(50) == ["b0"]
+    assert evicted(150) == ["b0", "b1"]
 
 
 async def test_cache_full_when_everything_is_recent(tmp_path: Path) -> None:
