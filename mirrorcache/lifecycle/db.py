@@ -171,6 +171,20 @@ class LifecycleDB:
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
 
+    def set_used(self, used: float, counted_at: float) -> None:
+        """The cache's size as a sweep counted it, and when (one write: read together)."""
+        with self._tx() as c:
+            c.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                          (("used_bytes", used), ("used_counted_at", counted_at)))
+
+    def used(self) -> tuple[float, float] | None:
+        """(bytes, counted at) of the last count, None before the first sweep."""
+        rows = {str(k): float(v) for k, v in self._query(
+            "SELECT key, value FROM state WHERE key IN ('used_bytes', 'used_counted_at')")}
+        if "used_bytes" not in rows:
+            return None
+        return rows["used_bytes"], rows.get("used_counted_at", 0.0)
+
     def state(self, key: str) -> float | None:
         rows = self._query("SELECT value FROM state WHERE key = ?", (key,))
         return float(rows[0][0]) if rows else None

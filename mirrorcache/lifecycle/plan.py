@@ -46,6 +46,8 @@ class Plan:
     evictions: tuple[Eviction, ...]
     kept_pinned: int
     kept_recent: int
+    #: When ``total`` was counted (wall time, comparable across processes; 0: unknown).
+    counted_at: float = 0.0
 
     @property
     def freed(self) -> int:
@@ -111,9 +113,11 @@ def plan_eviction(blobs: Mapping[str, int], units: list[Unit], *, now: float,
                   max_size: int | None, high: float, low: float,
                   free: int | None, min_free: int, unused_for: float | None,
                   protect_recent: float, recent_blobs: set[str],
-                  force: bool = False) -> Plan:
+                  force: bool = False, reserve: int = 0) -> Plan:
     """Which units to evict. ``force``: evict down to the low watermark even if the high
-    one is not crossed (``mirrorcache gc``)."""
+    one is not crossed (``mirrorcache gc``). ``reserve``: bytes a write is about to add (the
+    space guard asks for room): eviction also goes on until they fit under the high
+    watermark (and ``min_free``), not further than the low watermark otherwise asks."""
     total = sum(blobs.values())
     refcount: dict[str, int] = {}
     for u in units:
@@ -156,15 +160,15 @@ def plan_eviction(blobs: Mapping[str, int], units: list[Unit], *, now: float,
         else:
             rest.append(u)
 
-    def over(threshold: float) -> bool:
-        if max_size is not None and current > max_size * threshold:
+    def over(threshold: float, extra: int = 0) -> bool:
+        if max_size is not None and current + extra > max_size * threshold:
             return True
-        return free_now is not None and min_free > 0 and free_now < min_free
+        return free_now is not None and min_free > 0 and free_now - extra < min_free
 
-    if over(high) or (force and over(low)):
+    if over(high, reserve) or (force and over(low)):
         kept_recent = 0
         for u in rest:
-            if not over(low):
+            if not over(low) and not over(high, reserve):
                 break
             if candidate(u):
                 evict(u, "size")

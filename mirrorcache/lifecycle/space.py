@@ -2,15 +2,19 @@
 sweeper first; if that cannot make room, the write fails with StorageError, which is the
 existing storage-failure path (the pull continues from upstream, uncached, in bypass).
 
-The check costs a look at the last sweep's total (shared in the lifecycle database) plus
-the bytes this process committed since, and ``statvfs`` for ``min_free``; it runs at a
-writer's first write and then every ``CHECK_EVERY`` bytes, never per chunk.
+The check costs a look at the last sweep's count (shared in the lifecycle database, with the
+wall time it was counted at) plus the bytes this process committed after that moment, and
+``statvfs`` for ``min_free``; it runs at a writer's first write and then every
+``CHECK_EVERY`` bytes, never per chunk. Commits are told apart from the count by time, not by
+the total changing: two sweeps can leave the same total, and what was committed between them
+is in the second count (counting it again refused writes on a cache with room to spare).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,21 +42,26 @@ class SpaceGuard:
         self._sweeper = sweeper
         self._limits = limits
         self._clock = clock
-        self._base: float | None = None
+        self._base = 0.0
+        #: (wall time, size) of this process's commits not yet in ``_base``, oldest first.
+        self._commits: deque[tuple[float, int]] = deque()
         self._added = 0
         self._read_at = -1e18
         self._lock = asyncio.Lock()
 
     def committed(self, size: int) -> None:
+        self._commits.append((time.time(), size))  # the clock the sweeper stamps counts with
         self._added += size
 
     async def _used(self) -> float:
         if self._clock() - self._read_at >= REFRESH_EVERY:
-            base = await asyncio.to_thread(self._sweeper.used_estimate)
-            if base != self._base:  # a sweep counted everything again
-                self._base, self._added = base, 0
+            count = await asyncio.to_thread(self._sweeper.used_count)
+            if count is not None:
+                self._base, counted_at = count
+                while self._commits and self._commits[0][0] <= counted_at:
+                    self._added -= self._commits.popleft()[1]  # in that count already
             self._read_at = self._clock()
-        return (self._base or 0.0) + self._added
+        return self._base + self._added
 
     async def _over(self, incoming: int) -> str | None:
         lim = self._limits
@@ -76,7 +85,8 @@ class SpaceGuard:
                 return
             deadline = self._clock() + SWEEP_WAIT
             while True:
-                result = await self._sweeper.sweep(trigger="pressure", force=True)
+                result = await self._sweeper.sweep(trigger="pressure", force=True,
+                                                   reserve=incoming)
                 if result is not None or self._clock() >= deadline:
                     break
                 await asyncio.sleep(0.1)  # another process is sweeping: wait for it

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -86,6 +87,9 @@ def manifest_children(body: bytes) -> list[str] | None:
 class Gathered:
     now: float
     blobs: dict[str, int]
+    #: Wall time (``time.time``, not the injected clock) just after listing ``blobs``: a
+    #: commit stamped later is not in this count (see SpaceGuard).
+    counted_at: float
     access: dict[str, tuple[float, int, bool]]
     refs: dict[str, list[str]]
     manifests: set[str]
@@ -172,6 +176,7 @@ class Sweeper:
             await self.tracker.flush()
         now = self.clock()
         blobs = await self._blobs()
+        counted_at = time.time()
         fresh = await self.index_manifests(blobs, save=save)
         access = await asyncio.to_thread(self.db.access)
         unseen = [d for d in blobs if d not in access]
@@ -188,9 +193,10 @@ class Sweeper:
         manifests = {d for d, m in parsed.items() if m}
         manifests.update(d for d, (_, _, m) in access.items() if m)
         tags = await asyncio.to_thread(self.db.tags)
-        return Gathered(now, blobs, access, refs, manifests, tags)
+        return Gathered(now, blobs, counted_at, access, refs, manifests, tags)
 
-    async def plan(self, *, force: bool = False, save: bool = True) -> Plan:
+    async def plan(self, *, force: bool = False, save: bool = True, reserve: int = 0
+                   ) -> Plan:
         g = await self.gather(save=save)
         now, blobs, access, tags = g.now, g.blobs, g.access, g.tags
         units = build_units(blobs, access, g.refs, g.manifests)
@@ -216,9 +222,10 @@ class Sweeper:
             high=self.limits.high_watermark, low=self.limits.low_watermark,
             free=self.free_bytes(), min_free=self.limits.min_free,
             unused_for=self.retention.unused_for, protect_recent=lc.protect_recent,
-            recent_blobs=recent, force=force)
+            recent_blobs=recent, force=force, reserve=reserve)
+        plan = dataclasses.replace(plan, counted_at=g.counted_at)
         if save:
-            await asyncio.to_thread(self.db.set_state, "used_bytes", plan.total)
+            await asyncio.to_thread(self.db.set_used, plan.total, plan.counted_at)
         if self.metrics is not None:
             self.metrics.cache_bytes.labels(self.backend).set(plan.total)
         return plan
@@ -250,7 +257,7 @@ class Sweeper:
                      bytes=ev.freed, blobs=len(ev.delete), last_pulled=ev.last,
                      pulls=ev.pulls)
         if plan.evictions:
-            await asyncio.to_thread(self.db.set_state, "used_bytes", plan.total - freed)
+            await asyncio.to_thread(self.db.set_used, plan.total - freed, plan.counted_at)
             if self.metrics is not None:
                 self.metrics.cache_bytes.labels(self.backend).set(plan.total - freed)
         return SweepResult(plan, freed, images)
@@ -261,15 +268,16 @@ class Sweeper:
             yield got
 
     async def sweep(self, *, force: bool = False, trigger: str = "interval",
-                    dry_run: bool = False, show: Callable[[Plan], None] | None = None
-                    ) -> SweepResult | None:
+                    dry_run: bool = False, show: Callable[[Plan], None] | None = None,
+                    reserve: int = 0) -> SweepResult | None:
         """One sweep, or None when another process is sweeping right now. ``show`` sees
-        the plan before it is carried out; ``dry_run`` stops there."""
+        the plan before it is carried out; ``dry_run`` stops there. ``reserve``: bytes a
+        write is about to add (room is made for them too)."""
         async with self._locked() as got:
             if not got:
                 return None
             started = time.monotonic()
-            plan = await self.plan(force=force, save=not dry_run)
+            plan = await self.plan(force=force, save=not dry_run, reserve=reserve)
             if show is not None:
                 show(plan)
             if dry_run:
@@ -283,6 +291,10 @@ class Sweeper:
 
     def used_estimate(self) -> float | None:
         return self.db.state("used_bytes")
+
+    def used_count(self) -> tuple[float, float] | None:
+        """(bytes, wall time counted at) of the last sweep's count."""
+        return self.db.used()
 
 
 async def background(sweeper: Sweeper, tracker: AccessTracker, *, flush_interval: float,
