@@ -193,12 +193,52 @@ class FilesystemStorageConfig:
     path: Path
 
 
+MiB = 1 << 20
+#: S3's smallest part (all but the last part of a multipart upload).
+S3_MIN_PART_SIZE = 5 * MiB
+
+
+@dataclass(frozen=True)
+class S3LocalCacheConfig:
+    """A bounded local disk tier in front of S3 (hot blobs go out with sendfile)."""
+
+    path: Path
+    max_size: int
+
+
+@dataclass(frozen=True)
+class S3StorageConfig:
+    """Blobs, tag records and repository links in an S3 bucket (keys: storage/keys.py).
+
+    Credentials come only from aiobotocore's default chain (environment, shared files, web
+    identity / IRSA, instance role), optionally from the named ``profile``.
+    """
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: str = "auto"
+    sse: str | None = None
+    kms_key_id: str | None = None
+    storage_class: str | None = None
+    profile: str | None = None
+    part_size: int = 16 * MiB
+    max_parallel_parts: int = 4
+    redirect: bool = False
+    redirect_expiry: float = 300.0
+    local_cache: S3LocalCacheConfig | None = None
+    #: How long a replica trusts its in-memory copy of a tag record or link.
+    metadata_ttl: float = 5.0
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    """Where cached content and metadata live."""
+    """Where cached content and metadata live (``s3`` set: the S3 backend, not ``filesystem``)."""
 
     filesystem: FilesystemStorageConfig
     metadata_path: Path
+    s3: S3StorageConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +347,106 @@ def _token_realms(sec: _Section) -> tuple[str, ...]:
         elif not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", entry):
             sec.problem("token_realms", f"expected a host or an http(s) URL, got {entry!r}")
     return realms
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
+               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10,
+               "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``"512MiB"``, ``"10GiB"``, ``"2GB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value) if isinstance(
+        value, str) else None
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {value!r} (use e.g. 512MiB, 10GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+_S3_SSE = ("AES256", "aws:kms")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _size(sec: _Section, name: str, default: int | None) -> int | None:
+    value = sec.raw(name, default)
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        sec.problem(name, str(exc))
+        return default
+
+
+def _parse_s3(sec: _Section) -> S3StorageConfig:
+    """``storage.s3``: bucket, prefix, region, endpoint, SSE, parts, redirect, local tier.
+    No credentials here: aiobotocore's default chain (plus an optional ``profile``)."""
+    bucket = sec.text("bucket")
+    if isinstance(bucket, str) and not _BUCKET_RE.fullmatch(bucket):
+        sec.problem("bucket", f"not a valid S3 bucket name: {bucket!r}")
+    endpoint = sec.text("endpoint_url", None)
+    if isinstance(endpoint, str):
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            sec.problem("endpoint_url", f"expected an http(s) URL, got {endpoint!r}")
+    prefix = sec.raw("prefix", "")
+    if not isinstance(prefix, str):
+        sec.problem("prefix", "expected a string")
+        prefix = ""
+    sse = sec.raw("sse", None)
+    if sse is not None and sse not in _S3_SSE:
+        sec.problem("sse", f"expected one of {', '.join(_S3_SSE)}")
+        sse = None
+    kms = sec.text("kms_key_id", None)
+    if kms is not None and sse != "aws:kms":
+        sec.problem("kms_key_id", "only with sse: aws:kms")
+    for secret in ("access_key_id", "secret_access_key", "session_token", "aws_access_key_id",
+                   "aws_secret_access_key"):
+        if sec.has(secret):
+            sec.raw(secret, None)
+            sec.problem(secret, "no credentials in the config: use the AWS default chain "
+                        "(environment, shared files, web identity, instance role) or profile")
+    part_size = _size(sec, "part_size", 16 * MiB) or 16 * MiB
+    if part_size < S3_MIN_PART_SIZE:
+        sec.problem("part_size", "must be at least 5MiB (S3's smallest part)")
+    elif part_size > 5 * (1 << 30):
+        sec.problem("part_size", "must be at most 5GiB (S3's largest part)")
+    local: S3LocalCacheConfig | None = None
+    if sec.has("local_cache"):
+        lsec = sec.section("local_cache")
+        lpath = lsec.text("path")
+        max_size = _size(lsec, "max_size", None)
+        if max_size is None and not lsec.has("max_size"):
+            lsec.problem("max_size", "is required")
+        lsec.finish()
+        local = S3LocalCacheConfig(Path(lpath or "."), max_size or 0)
+    cfg = S3StorageConfig(
+        bucket=bucket or "",
+        prefix=prefix,
+        region=sec.text("region", None),
+        endpoint_url=endpoint,
+        addressing_style=sec.choice("addressing_style", "auto", ("auto", "virtual", "path")),
+        sse=sse,
+        kms_key_id=kms,
+        storage_class=sec.text("storage_class", None),
+        profile=sec.text("profile", None),
+        part_size=part_size,
+        max_parallel_parts=sec.integer("max_parallel_parts", 4, 1, 32),
+        redirect=sec.flag("redirect", False),
+        redirect_expiry=sec.duration("redirect_expiry", 300.0),
+        local_cache=local,
+        metadata_ttl=sec.duration("metadata_ttl", 5.0),
+    )
+    if cfg.redirect and not 1 <= cfg.redirect_expiry <= 7 * 86400:
+        sec.problem("redirect_expiry", "must be between 1s and 7d (presigned URL lifetime)")
+    sec.finish()
+    return cfg
 
 
 def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
@@ -458,9 +598,13 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
     fs_path = Path(fs_sec.text("path", "/var/lib/mirrorcache") or "/var/lib/mirrorcache")
     fs_sec.finish()
     meta = storage_sec.text("metadata_path", None)
+    s3_cfg = _parse_s3(storage_sec.section("s3")) if storage_sec.has("s3") else None
+    if s3_cfg is not None and storage_sec.has("filesystem"):
+        storage_sec.problem("s3", "set exactly one of storage.filesystem and storage.s3")
     storage = StorageConfig(
         filesystem=FilesystemStorageConfig(path=fs_path),
         metadata_path=Path(meta) if isinstance(meta, str) else fs_path / "metadata",
+        s3=s3_cfg,
     )
     storage_sec.finish()
 

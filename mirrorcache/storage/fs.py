@@ -253,6 +253,11 @@ class FilesystemBlobStore:
                     remaining -= len(data)
                 yield data
 
+    def reader(self, digest: Digest, offset: int = 0, length: int | None = None
+               ) -> AsyncIterator[bytes]:
+        """The storage protocol's name for :meth:`read` (storage/protocol.py)."""
+        return self.read(digest, offset, length)
+
     async def read_bytes(self, digest: Digest, max_size: int) -> bytes:
         try:
             with open(self.path_of(digest), "rb") as f:  # noqa: ASYNC230  small, page-cached
