@@ -325,3 +325,61 @@ async def test_s3_errors_become_storage_errors(tmp_path: Path, moto_server: Moto
         with pytest.raises(StorageError):
             await store.put_bytes(digest_of(data), data)
         assert list((tmp_path / "spool").iterdir()) == []
+
+
+# tiered only -------------------------------------------------------------------------------
+
+async def test_tier_keeps_the_spool_evicts_lru_and_refills_from_s3(
+        tmp_path: Path, moto_server: MotoServer) -> None:
+    async for tiered in make_store("tiered", tmp_path, moto_server, max_size=7 * MiB):
+        blobs = [os.urandom(3 * MiB) for _ in range(3)]
+        ds = [digest_of(b) for b in blobs]
+        for d, data in zip(ds[:2], blobs[:2], strict=True):
+            async with tiered.writer(d) as w:
+                await w.write(data)
+                spool = w.local_path
+                spool_inode = os.stat(spool).st_ino
+                await w.commit()
+            path = tiered.local_path(d)
+            assert path is not None and os.stat(path).st_ino == spool_inode  # spool adopted
+            assert path.read_bytes() == data
+        assert tiered.local_path(ds[0]) is not None  # a hit: now the most recently used
+        await tiered.put_bytes(ds[2], blobs[2])
+        # 9 MiB > 7 MiB: the least recently used (ds[1]) left the tier, S3 still has it
+        assert tiered.local_path(ds[1]) is None
+        assert tiered.local_path(ds[0]) is not None and tiered.local_path(ds[2]) is not None
+        assert tiered.used == 6 * MiB
+        assert (await tiered.remote.stat(ds[1])).size == 3 * MiB  # type: ignore[union-attr]
+        # a local miss streams from S3 (ranged) and fills the tier in the background
+        assert await collect(tiered, ds[1], MiB, 5) == blobs[1][MiB:MiB + 5]
+        await tiered.wait_fills()
+        path = tiered.local_path(ds[1])
+        assert path is not None and path.read_bytes() == blobs[1]
+        assert tiered.used <= 7 * MiB
+        # a blob larger than the whole tier is in S3 only
+        big = os.urandom(8 * MiB)
+        await tiered.put_bytes(digest_of(big), big)
+        assert tiered.local_path(digest_of(big)) is None
+        assert await collect(tiered, digest_of(big)) == big
+        await tiered.wait_fills()
+        assert tiered.local_path(digest_of(big)) is None
+        assert os.listdir(tmp_path / "tier" / "tmp") == []
+
+
+async def test_tier_survives_a_restart(tmp_path: Path, moto_server: MotoServer) -> None:
+    bucket = await make_bucket(moto_server)
+    local = S3LocalCacheConfig(tmp_path / "tier", 4 * MiB)
+    from mirrorcache.storage.tiered import open_s3_store
+
+    data = [os.urandom(MiB) for _ in range(3)]
+    async with open_s3_store(s3_cfg(moto_server, bucket, local_cache=local), tmp_path / "x",
+                             aws_session()) as store:
+        for blob in data:
+            await store.put_bytes(digest_of(blob), blob)
+    smaller = S3LocalCacheConfig(local.path, 2 * MiB)
+    async with open_s3_store(s3_cfg(moto_server, bucket, local_cache=smaller), tmp_path / "x",
+                             aws_session()) as store:
+        assert store.used == 2 * MiB  # type: ignore[union-attr]
+        assert sum(store.local_path(digest_of(b)) is not None for b in data) == 2
+        for blob in data:
+            assert await collect(store, digest_of(blob)) == blob
