@@ -153,6 +153,19 @@ class _Section:
 
 
 @dataclass(frozen=True)
+class EcrConfig:
+    """An Amazon ECR upstream: whose registry, where, and (tests) which endpoint.
+
+    Credentials come from aiobotocore's default chain, optionally the named ``profile``.
+    """
+
+    registry_id: str
+    region: str
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """One upstream registry: where it is, how to log in, how long its tags are trusted."""
 
@@ -180,6 +193,9 @@ class UpstreamConfig:
     pool_timeout: float = 30.0
     #: Token realms besides the upstream's own domain that may receive its credentials.
     token_realms: tuple[str, ...] = ()
+    #: ``registry`` (username/password or anonymous) or ``ecr`` (GetAuthorizationToken).
+    type: str = "registry"
+    ecr: EcrConfig | None = None
 
     @property
     def is_docker_hub(self) -> bool:
@@ -449,6 +465,39 @@ def _parse_s3(sec: _Section) -> S3StorageConfig:
     return cfg
 
 
+#: An ECR registry host: ``<account>.dkr.ecr.<region>.amazonaws.com``.
+ECR_HOST_RE = re.compile(
+    r"(?P<registry_id>[0-9]{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9])"
+    r"\.amazonaws\.com(?:\.cn)?")
+
+
+def _parse_ecr(sec: _Section, url: object, has_password: bool) -> EcrConfig | None:
+    """``type: ecr`` with ``registry_id``, ``region``, ``endpoint_url``, ``profile``; a URL
+    on ``<id>.dkr.ecr.<region>.amazonaws.com`` implies it (and supplies id and region)."""
+    host = (urlsplit(url).hostname or "") if isinstance(url, str) else ""
+    m = ECR_HOST_RE.fullmatch(host.lower())
+    kind = sec.choice("type", "ecr" if m else "registry", ("registry", "ecr"))
+    ecr_keys = ("registry_id", "region", "endpoint_url", "profile")
+    if kind != "ecr":
+        for key in ecr_keys:
+            if sec.has(key):
+                sec.raw(key, None)
+                sec.problem(key, "only for type: ecr")
+        return None
+    if has_password:
+        sec.problem("type", "an ECR upstream gets its credentials from GetAuthorizationToken: "
+                    "remove username/password")
+    registry_id = sec.text("registry_id", m.group("registry_id") if m else _MISSING)
+    if isinstance(registry_id, str) and not re.fullmatch(r"[0-9]{12}", registry_id):
+        sec.problem("registry_id", "expected a 12-digit AWS account id")
+    region = sec.text("region", m.group("region") if m else _MISSING)
+    endpoint = sec.text("endpoint_url", None)
+    if isinstance(endpoint, str) and urlsplit(endpoint).scheme not in ("http", "https"):
+        sec.problem("endpoint_url", f"expected an http(s) URL, got {endpoint!r}")
+    return EcrConfig(registry_id=registry_id or "", region=region or "", endpoint_url=endpoint,
+                     profile=sec.text("profile", None))
+
+
 def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     url = sec.text("url")
     if isinstance(url, str):
@@ -464,6 +513,7 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
     password = _read_secret(sec, environ)
     if password is not None and username is None:
         sec.problem("username", "is required when a password is set")
+    ecr = _parse_ecr(sec, url, username is not None or password is not None)
     ca_file = sec.text("ca_file", None)
     if isinstance(ca_file, str) and not Path(ca_file).is_file():
         sec.problem("ca_file", f"no such file: {ca_file}")
@@ -487,6 +537,8 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
         max_connections=sec.integer("max_connections", 100, 1, 10000),
         pool_timeout=sec.duration("pool_timeout", 30.0),
         token_realms=_token_realms(sec),
+        type="ecr" if ecr is not None else "registry",
+        ecr=ecr,
     )
     if up.request_timeout <= 0:
         sec.problem("request_timeout", "must be more than 0")
