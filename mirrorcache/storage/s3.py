@@ -313,7 +313,7 @@ class S3BlobStore:
     async def retrying(self, fn: Callable[[], Awaitable[T]], operation: str) -> T:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(S3_ATTEMPTS) | stop_after_delay(S3_RETRY_TIME),
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
             retry=retry_if_exception(_retryable),
             reraise=True,
         )
