@@ -9,6 +9,7 @@ import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.support.countingproxy import CountingProxy, Fault
@@ -109,8 +110,6 @@ async def test_ecr_refusing_the_token_call_is_an_oci_error(env: Env, tmp_path: P
     env.ecr.add_fault(Fault.status(400, {"Content-Type": "application/x-amz-json-1.1"},
                                    b'{"__type": "AccessDeniedException", "message": "no"}',
                                    times=None))
-    import aiohttp
-
     await env.push("team/denied")
     async with aiohttp.ClientSession() as http, http.get(
             f"{env.mirror.url}/v2/{UPSTREAM}/team/denied/manifests/v1") as resp:

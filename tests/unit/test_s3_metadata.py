@@ -3,6 +3,7 @@ tags and links within the freshness window; S3 trouble falls back to the last co
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,8 +88,6 @@ async def test_replicas_share_tags_links_and_media_types(
 
 async def test_negative_answers_are_cached_for_ttl_and_gets_are_single_flight(
         s3: tuple[S3BlobStore, CountingProxy]) -> None:
-    import asyncio
-
     store, proxy = s3
     clock = Clock()
     m = S3Metadata(store, ttl=5.0, clock=clock)

@@ -25,10 +25,11 @@ import pytest
 
 from mirrorcache.config import MiB, S3LocalCacheConfig, S3StorageConfig
 from mirrorcache.oci.reference import Digest
-from mirrorcache.storage.base import BlobNotFound, DigestMismatch
+from mirrorcache.storage.base import BlobNotFound, DigestMismatch, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.storage.protocol import BlobStore
 from mirrorcache.storage.s3 import S3BlobStore
+from mirrorcache.storage.tiered import TieredBlobStore, open_s3_store
 from tests.support.s3server import REGION, MotoServer, aws_env, aws_session, make_bucket
 
 PART = 5 * MiB
@@ -59,8 +60,6 @@ async def make_store(kind: str, tmp_path: Path, server: MotoServer, **kw: Any
                                session=aws_session()) as store:
             yield store
         return
-    from mirrorcache.storage.tiered import TieredBlobStore
-
     local = S3LocalCacheConfig(tmp_path / "tier", kw.pop("max_size", 64 * MiB))
     cfg = s3_cfg(server, bucket, local_cache=local, **kw)
     async with S3BlobStore(cfg, local.path / "tmp", session=aws_session()) as remote, \
@@ -239,6 +238,7 @@ _KILLED_WRITER = textwrap.dedent("""
     from mirrorcache.config import S3StorageConfig
     from mirrorcache.oci.reference import Digest
     from mirrorcache.storage.s3 import S3BlobStore
+from mirrorcache.storage.tiered import TieredBlobStore, open_s3_store
 
     async def main():
         cfg = S3StorageConfig(bucket=sys.argv[1], endpoint_url=sys.argv[2], region="us-east-1",
@@ -315,8 +315,6 @@ async def test_sse_and_storage_class_on_every_write(tmp_path: Path,
 
 
 async def test_s3_errors_become_storage_errors(tmp_path: Path, moto_server: MotoServer) -> None:
-    from mirrorcache.storage.base import StorageError
-
     cfg = s3_cfg(moto_server, "no-such-bucket-here")
     async with S3BlobStore(cfg, tmp_path / "spool", session=aws_session()) as store:
         with pytest.raises(StorageError):
@@ -369,8 +367,6 @@ async def test_tier_keeps_the_spool_evicts_lru_and_refills_from_s3(
 async def test_tier_survives_a_restart(tmp_path: Path, moto_server: MotoServer) -> None:
     bucket = await make_bucket(moto_server)
     local = S3LocalCacheConfig(tmp_path / "tier", 4 * MiB)
-    from mirrorcache.storage.tiered import open_s3_store
-
     data = [os.urandom(MiB) for _ in range(3)]
     async with open_s3_store(s3_cfg(moto_server, bucket, local_cache=local), tmp_path / "x",
                              aws_session()) as store:
