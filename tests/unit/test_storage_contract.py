@@ -238,7 +238,6 @@ _KILLED_WRITER = textwrap.dedent("""
     from mirrorcache.config import S3StorageConfig
     from mirrorcache.oci.reference import Digest
     from mirrorcache.storage.s3 import S3BlobStore
-from mirrorcache.storage.tiered import TieredBlobStore, open_s3_store
 
     async def main():
         cfg = S3StorageConfig(bucket=sys.argv[1], endpoint_url=sys.argv[2], region="us-east-1",
