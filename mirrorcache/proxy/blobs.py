@@ -36,7 +36,7 @@ from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import BlobNotFound, BlobStore, FetchClaims, StorageError
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.metadata import MetadataStore
 from mirrorcache.upstream.registry import BlobBody
 
 log = structlog.get_logger("mirrorcache.blobs")
@@ -97,7 +97,7 @@ class BlobService(PeerFollowing):
     """Answers blob requests from the cache, fetching each missing digest once."""
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
-                 store: BlobStore, meta: Metadata, metrics: Metrics,
+                 store: BlobStore, meta: MetadataStore, metrics: Metrics,
                  gate: RepositoryGate | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  claims: FetchClaims | None = None) -> None:

@@ -23,7 +23,7 @@ from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, FetchClaim, StorageError
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.metadata import MetadataStore
 from mirrorcache.upstream.client import UpstreamUnavailable
 from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
 
@@ -110,7 +110,7 @@ class Downloading:
 
     _upstreams: Upstreams
     _store: BlobStore
-    _meta: Metadata
+    _meta: MetadataStore
     _metrics: Metrics
     _clock: Callable[[], float]
     _bypass_until: float
