@@ -77,3 +77,38 @@ def test_sizes() -> None:
     for bad in ("", "MiB", "-1", "5 parsecs", True, -3):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_s3_needs_no_filesystem_section(tmp_path: Path) -> None:
+    tier = parse_config({"storage": {"s3": {"bucket": "b-1", "local_cache": {
+        "path": "/var/tier", "max_size": "1GiB"}}}, "upstreams": UP}, {}).storage
+    assert tier.filesystem is None
+    assert tier.metadata_path == Path("/var/tier/metadata")
+    assert tier.local_root == Path("/var/tier")  # spools and start-up cleanup live here
+    with pytest.raises(ValueError, match="filesystem storage backend"):
+        tier.fs_path  # noqa: B018
+    bare = parse_config({"storage": {"s3": {"bucket": "b-1"}, "metadata_path": "/m/meta"},
+                         "upstreams": UP}, {}).storage
+    assert (bare.metadata_path, bare.local_root) == (Path("/m/meta"), Path("/m"))
+    assert problems({"s3": {"bucket": "b-1"}, "max_size": "1GiB"}) == [
+        "storage.max_size: with storage.s3 the bucket is not size-limited here; bound the "
+        "local tier with storage.s3.local_cache.max_size"]
+    assert parse_config({"storage": {"s3": {"bucket": "b-1", "stale_upload_age": "2h"}},
+                         "upstreams": UP}, {}).storage.s3.stale_upload_age == 7200.0  # type: ignore[union-attr]
+
+
+def test_fs_only_commands_say_so(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"s3": {"bucket": "b-1"},
+                                                  "metadata_path": str(tmp_path / "meta")},
+                                      "upstreams": UP}))
+    for command in ("verify", "gc", "inventory"):
+        done = subprocess.run([sys.executable, "-m", "mirrorcache", command, "--config",
+                               str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"mirrorcache {command} works on the filesystem "
+                                      "backend only; storage.s3 is set")
