@@ -79,6 +79,8 @@ async def _janitor(store: Janitor) -> None:
             log.warning("storage.janitor_failed", error=str(exc))
 
 
+#: A readiness probe waits this long for HeadBucket (retries included).
+READY_S3_TIMEOUT = 5.0
 #: How often the S3 janitor looks for multipart uploads a crashed process left behind.
 S3_JANITOR_INTERVAL = 3600.0
 
@@ -235,9 +237,13 @@ def create_app(config: Config, *, clean_temp: bool = True,
                 return f"storage not writable: {exc.strerror or exc}"
             if s3 is not None:
                 try:
-                    await s3.check()
+                    async with asyncio.timeout(READY_S3_TIMEOUT):
+                        await s3.check()
                 except StorageError as exc:
                     return f"S3 bucket unreachable, serving uncached: {exc}"
+                except TimeoutError:
+                    return (f"S3 bucket unreachable, serving uncached: HeadBucket took more "
+                            f"than {READY_S3_TIMEOUT:g}s")
             return blobs.storage_problem() or meta.problem()
 
         app[SERVICES] = Services(
