@@ -254,10 +254,21 @@ class BlobService(PeerFollowing):
         return PassthroughBlob(digest, body)
 
     async def aclose(self) -> None:
+        # Blobs already verified and served, still being published (an S3 upload): give
+        # them a bounded while to land rather than abort the upload.
+        publishing = [dl.finished.wait() for dl in self._downloads.values()
+                      if dl.verified and not dl.done]
+        if publishing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PUBLISH_GRACE):
+                    await asyncio.gather(*publishing)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+
+#: At shutdown, how long verified blobs still being published may take to land.
+PUBLISH_GRACE = 20.0
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 

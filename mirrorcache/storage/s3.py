@@ -148,9 +148,27 @@ class S3BlobWriter:
         except OSError as exc:
             raise StorageError(f"spooling {self.digest}: {exc.strerror}") from exc
 
+    def _reap(self) -> None:
+        """Collect finished part uploads (a failed one raises its StorageError)."""
+        running: deque[asyncio.Task[dict[str, Any]]] = deque()
+        for task in self._inflight:
+            if task.done():
+                self._parts.append(task.result())
+            else:
+                running.append(task)
+        self._inflight = running
+
     async def _upload_ready_parts(self, *, final: bool) -> None:
+        """Start uploads of the complete parts in the spool, at most ``max_parallel_parts``
+        at once. While writing this never waits for S3 (the spool holds what is not yet
+        uploaded, so upstream and clients go at their own speed); ``final`` uploads the rest
+        and waits for every part."""
         part_size = self._store.cfg.part_size
+        limit = self._store.cfg.max_parallel_parts
         while True:
+            self._reap()
+            if not final and len(self._inflight) >= limit:
+                return
             start = (self._next_part - 1) * part_size
             available = self._written - start
             if available <= 0 or (available < part_size and not final):
@@ -162,7 +180,7 @@ class S3BlobWriter:
             number, length = self._next_part, min(available, part_size)
             self._next_part += 1
             self._inflight.append(asyncio.create_task(self._upload_part(number, start, length)))
-            while len(self._inflight) >= self._store.cfg.max_parallel_parts:
+            while final and len(self._inflight) >= limit:
                 self._parts.append(await self._inflight.popleft())
 
     async def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any]:
@@ -176,9 +194,9 @@ class S3BlobWriter:
         self._unlink()
         return info
 
-    async def commit_keep_spool(self) -> BlobInfo:
-        """Commit, leaving the verified spool file at ``local_path`` (the tiered store moves
-        it into its local tier)."""
+    async def verify(self) -> None:
+        """Flush and check the digest (see :class:`~mirrorcache.storage.base.VerifiesEarly`);
+        the upload goes on, ``commit`` completes it."""
         try:
             await self.flush()
         except BaseException:
@@ -190,6 +208,11 @@ class S3BlobWriter:
             log.warning("blob.digest_mismatch", digest=str(self.digest), backend="s3",
                         actual=f"{self.digest.algorithm}:{actual}", bytes=self._written)
             raise DigestMismatch(self.digest, f"{self.digest.algorithm}:{actual}", self._written)
+
+    async def commit_keep_spool(self) -> BlobInfo:
+        """Commit, leaving the verified spool file at ``local_path`` (the tiered store moves
+        it into its local tier)."""
+        await self.verify()
         try:
             if self._upload_id is None:
                 body = await asyncio.to_thread(os.pread, self._fd, self._written, 0)

@@ -61,6 +61,9 @@ class TieredBlobWriter:
     async def flush(self) -> None:
         await self._inner.flush()
 
+    async def verify(self) -> None:
+        await self._inner.verify()
+
     async def commit(self) -> BlobInfo:
         info = await self._inner.commit_keep_spool()
         spool = self._inner.local_path

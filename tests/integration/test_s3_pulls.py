@@ -30,6 +30,7 @@ from tests.support.s3server import (
     s3_raw_config,
 )
 from tests.support.skopeo import copied_blob_digests, manifest_digest, skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -151,8 +152,8 @@ async def test_killed_during_a_multipart_upload_then_the_janitor_aborts_it(
                 f"{b.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
             body = await resp.read()
         assert resp.status == 200 and hashlib.sha256(body).hexdigest() == layer.digest[7:]
-    await poll(lambda: _objects_are(moto_server, bucket, [blob_key(layer.digest)]),
-               timeout=20, what="the blob committed")
+        await poll(lambda: _objects_are(moto_server, bucket, [blob_key(layer.digest)]),
+                   timeout=30, what="the blob committed")
 
 
 async def _has_pending(moto: MotoServer, bucket: str) -> bool:
@@ -273,3 +274,25 @@ async def test_readyz_fails_while_s3_is_down_and_pulls_bypass(
             assert m.proc is not None and m.proc.poll() is None  # still up
     finally:
         moto.close()
+
+
+async def test_verified_bytes_are_served_while_s3_still_publishes(
+        tmp_path: Path, registry: RegistryProcess, upstream: CountingProxy,
+        moto_server: MotoServer, unique_repo: str) -> None:
+    img = make_image([3 * MiB], media="oci", raw=True)  # below one part: one PutObject
+    layer = img.layers[0]
+    await push_image(registry.url, unique_repo, img, "v1")
+    bucket = await make_bucket(moto_server)
+    gate = asyncio.Event()
+    async with CountingProxy(moto_server.url) as s3:
+        held = s3.add_fault(Fault.hold(gate, method="PUT", path="/blobs/"))
+        async with s3_mirror(tmp_path, "a", moto_server, bucket, upstream.url,
+                             endpoint_url=s3.url) as m, aiohttp.ClientSession() as http:
+            async with http.get(f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
+                body = await asyncio.wait_for(resp.read(), 30)
+            assert resp.status == 200 and hashlib.sha256(body).hexdigest() == layer.digest[7:]
+            await wait_until(lambda: held.hits == 1, timeout=20, what="the PutObject held")
+            assert (await s3_state(moto_server, bucket))[0] == []
+            gate.set()
+            await poll(lambda: _objects_are(moto_server, bucket, [blob_key(layer.digest)]),
+                       timeout=20, what="the blob published")
