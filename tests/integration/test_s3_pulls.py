@@ -286,13 +286,17 @@ async def test_verified_bytes_are_served_while_s3_still_publishes(
     gate = asyncio.Event()
     async with CountingProxy(moto_server.url) as s3:
         held = s3.add_fault(Fault.hold(gate, method="PUT", path="/blobs/"))
-        async with s3_mirror(tmp_path, "a", moto_server, bucket, upstream.url,
-                             endpoint_url=s3.url) as m, aiohttp.ClientSession() as http:
-            async with http.get(f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
-                body = await asyncio.wait_for(resp.read(), 30)
-            assert resp.status == 200 and hashlib.sha256(body).hexdigest() == layer.digest[7:]
-            await wait_until(lambda: held.hits == 1, timeout=20, what="the PutObject held")
-            assert (await s3_state(moto_server, bucket))[0] == []
-            gate.set()
-            await poll(lambda: _objects_are(moto_server, bucket, [blob_key(layer.digest)]),
-                       timeout=20, what="the blob published")
+        try:
+            async with s3_mirror(tmp_path, "a", moto_server, bucket, upstream.url,
+                                 endpoint_url=s3.url) as m, aiohttp.ClientSession() as http:
+                async with http.get(f"{m.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
+                    body = await asyncio.wait_for(resp.read(), 30)
+                assert resp.status == 200
+                assert hashlib.sha256(body).hexdigest() == layer.digest[7:]
+                await wait_until(lambda: held.hits == 1, timeout=20, what="the PutObject held")
+                assert (await s3_state(moto_server, bucket))[0] == []
+                gate.set()
+                await poll(lambda: _objects_are(moto_server, bucket, [blob_key(layer.digest)]),
+                           timeout=20, what="the blob published")
+        finally:
+            gate.set()  # never leave the held request (and the proxy's shutdown) hanging
