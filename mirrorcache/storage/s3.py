@@ -161,10 +161,12 @@ class S3BlobWriter:
     async def _upload_ready_parts(self, *, final: bool) -> None:
         """Start uploads of the complete parts in the spool, at most ``max_parallel_parts``
         at once. While writing this never waits for S3 (the spool holds what is not yet
-        uploaded, so upstream and clients go at their own speed); ``final`` uploads the rest
-        and waits for every part."""
+        uploaded, so upstream and clients go at their own speed) and keeps one part in
+        flight, so the upload trails the fetch without competing with it; ``final`` (after
+        the digest verified) uploads the rest ``max_parallel_parts`` at a time and waits for
+        every part."""
         part_size = self._store.cfg.part_size
-        limit = self._store.cfg.max_parallel_parts
+        limit = self._store.cfg.max_parallel_parts if final else 1
         while True:
             self._reap()
             if not final and len(self._inflight) >= limit:
