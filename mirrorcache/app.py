@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
 import aiohttp
@@ -27,7 +28,7 @@ from mirrorcache.cluster.client import PeerClient
 from mirrorcache.cluster.endpoint import add_peer_routes
 from mirrorcache.cluster.membership import Membership
 from mirrorcache.coalesce import Coalescer
-from mirrorcache.config import Config
+from mirrorcache.config import Config, S3StorageConfig
 from mirrorcache.connections import CONNECTIONS, ConnectionGuard, connection_limit_middleware
 from mirrorcache.errors import error_middleware
 from mirrorcache.lifecycle.access import AccessTracker
@@ -36,6 +37,7 @@ from mirrorcache.lifecycle.space import SpaceGuard, SpaceGuardedStore
 from mirrorcache.lifecycle.sweeper import Sweeper, background
 from mirrorcache.log import ProtocolLogger
 from mirrorcache.metrics import Metrics
+from mirrorcache.oci.reference import Digest
 from mirrorcache.policy_reload import PolicyHolder, policy_reloading
 from mirrorcache.proxy.blobs import BlobService
 from mirrorcache.proxy.manifests import ManifestService
@@ -45,7 +47,10 @@ from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import BlobStore, FetchClaims, Janitor, StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.metadata import Metadata, MetadataStore
+from mirrorcache.storage.s3 import S3BlobStore
+from mirrorcache.storage.s3_metadata import S3Metadata
+from mirrorcache.storage.tiered import TieredBlobStore, open_s3_store
 from mirrorcache.upstream.client import UpstreamClient
 from mirrorcache.upstream.registry import RegistryClient
 
@@ -78,6 +83,26 @@ async def _janitor(store: Janitor) -> None:
             log.warning("storage.janitor_failed", error=str(exc))
 
 
+#: A readiness probe waits this long for HeadBucket (retries included).
+READY_S3_TIMEOUT = 5.0
+#: How often the S3 janitor looks for multipart uploads a crashed process left behind.
+S3_JANITOR_INTERVAL = 3600.0
+
+
+async def _abort_stale_uploads(s3: S3BlobStore, cfg: S3StorageConfig) -> None:
+    try:
+        await s3.abort_stale_uploads(cfg.stale_upload_age)
+    except StorageError as exc:
+        log.warning("storage.janitor_failed", error=str(exc))
+
+
+async def _s3_janitor(s3: S3BlobStore, cfg: S3StorageConfig) -> None:
+    """Abort stale multipart uploads (a crashed replica's), periodically."""
+    while True:
+        await asyncio.sleep(S3_JANITOR_INTERVAL)
+        await _abort_stale_uploads(s3, cfg)
+
+
 SWEEPER = web.AppKey("sweeper", Sweeper)
 MEMBERSHIP = web.AppKey("membership", Membership)
 
@@ -92,12 +117,18 @@ def _lifecycle(config: Config, store: BlobStore, meta: Metadata, metrics: Metric
         log.error("lifecycle.db_unavailable", error=str(exc))
         return None, AccessTracker(None)
     tracker = AccessTracker(db, clock=wall_clock)
-    root = config.storage.filesystem.path
+    root = config.storage.fs_path
     metrics.cache_limit.set(config.storage.limits.max_size or 0)
     return Sweeper(store, db, meta, limits=config.storage.limits,
                    retention=config.retention, lifecycle=config.lifecycle,
                    pins=config.pins, lock_dir=root, tracker=tracker, metrics=metrics,
                    free_path=root, clock=wall_clock), tracker
+
+
+def _presigner(s3: S3BlobStore, expiry: float) -> Callable[[Digest], Awaitable[str]]:
+    async def presign(digest: Digest) -> str:
+        return await s3.presigned_url(digest, expiry)
+    return presign
 
 
 def create_app(config: Config, *, clean_temp: bool = True,
@@ -148,7 +179,27 @@ def create_app(config: Config, *, clean_temp: bool = True,
             yield
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        blob_store: BlobStore = store or FilesystemBlobStore(config.storage.filesystem.path)
+        async with contextlib.AsyncExitStack() as stack:
+            async for _ in _resources(app, stack):
+                yield
+
+    async def _resources(app: web.Application, stack: contextlib.AsyncExitStack
+                         ) -> AsyncIterator[None]:
+        s3cfg = config.storage.s3
+        s3: S3BlobStore | None = None
+        blob_store: BlobStore
+        if store is not None:
+            blob_store = store
+        elif s3cfg is not None:
+            if clean_temp:  # spools a killed process left in this host's tier / spool dir
+                with contextlib.suppress(StorageError):
+                    await FilesystemBlobStore(config.storage.local_root).cleanup_temp()
+            opened = await stack.enter_async_context(
+                open_s3_store(s3cfg, config.storage.local_root / "tmp"))
+            s3 = opened.remote if isinstance(opened, TieredBlobStore) else opened
+            blob_store = opened
+        else:
+            blob_store = FilesystemBlobStore(config.storage.fs_path)
         # The optional capabilities, wired here and nowhere else.
         claims = blob_store if isinstance(blob_store, FetchClaims) else None
         janitor_of = blob_store if isinstance(blob_store, Janitor) else None
@@ -157,9 +208,21 @@ def create_app(config: Config, *, clean_temp: bool = True,
                 await janitor_of.cleanup_temp()
             except StorageError as exc:
                 log.error("storage.cleanup_failed", error=str(exc))
-        meta = Metadata(config.storage.metadata_path)
+        meta: MetadataStore
+        if s3 is not None and s3cfg is not None:
+            meta = S3Metadata(s3, ttl=s3cfg.metadata_ttl)
+            await _abort_stale_uploads(s3, s3cfg)
+        else:
+            meta = Metadata(config.storage.metadata_path)
         metrics = Metrics()
-        sweeper, tracker = _lifecycle(config, blob_store, meta, metrics, wall_clock)
+        if config.storage.filesystem is not None and isinstance(meta, Metadata):
+            sweeper, tracker = _lifecycle(config, blob_store, meta, metrics, wall_clock)
+        else:
+            # The sweeper deletes blobs: never let it loose on a bucket other replicas share.
+            # The local tier is bounded by storage.s3.local_cache.max_size instead.
+            log.info("lifecycle.disabled", reason="storage.s3: eviction and retention run on "
+                     "the filesystem backend only; the local tier evicts by its own max_size")
+            sweeper, tracker = None, AccessTracker(None)
         if sweeper is not None and config.storage.limits.limited:
             blob_store = cast(BlobStore, SpaceGuardedStore(
                 blob_store, SpaceGuard(sweeper, config.storage.limits)))
@@ -193,9 +256,18 @@ def create_app(config: Config, *, clean_temp: bool = True,
         async def ready() -> str | None:
             """None when ready, else why the mirror is degraded (it keeps serving)."""
             try:
-                await asyncio.to_thread(_probe_storage, config.storage.filesystem.path / "tmp")
+                await asyncio.to_thread(_probe_storage, config.storage.local_root / "tmp")
             except OSError as exc:
                 return f"storage not writable: {exc.strerror or exc}"
+            if s3 is not None:
+                try:
+                    async with asyncio.timeout(READY_S3_TIMEOUT):
+                        await s3.check()
+                except StorageError as exc:
+                    return f"S3 bucket unreachable, serving uncached: {exc}"
+                except TimeoutError:
+                    return (f"S3 bucket unreachable, serving uncached: HeadBucket took more "
+                            f"than {READY_S3_TIMEOUT:g}s")
             return blobs.storage_problem() or meta.problem()
 
         app[SERVICES] = Services(
@@ -206,17 +278,22 @@ def create_app(config: Config, *, clean_temp: bool = True,
             metrics=metrics,
             ready=ready,
             access=tracker,
+            redirect=(_presigner(s3, s3cfg.redirect_expiry)
+                      if s3 is not None and s3cfg is not None and s3cfg.redirect else None),
         )
         # The loop really running (uvloop or asyncio), not the one configured.
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info("app.started", upstreams=sorted(config.upstreams),
-                 storage=str(config.storage.filesystem.path), event_loop=loop)
+                 storage=(f"s3://{s3cfg.bucket}/{s3.prefix}" if s3 is not None and s3cfg
+                          else str(config.storage.local_root)), event_loop=loop)
         tasks = []
         if owners is not None:
             tasks.append(asyncio.create_task(owners.membership.run()))
             log.info("cluster.started", member=config.cluster.self_address,
                      members=owners.membership.configured(),
                      dns=config.cluster.dns)
+        if s3 is not None and s3cfg is not None:
+            tasks.append(asyncio.create_task(_s3_janitor(s3, s3cfg)))
         if janitor_of is not None:
             tasks.append(asyncio.create_task(_janitor(janitor_of)))
         if sweeper is not None:

@@ -28,6 +28,16 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
+def _fs_only(config: Config | None, command: str) -> Config | None:
+    """``config`` if its storage is the filesystem backend, else None after saying why."""
+    if config is not None and config.storage.filesystem is None:
+        print(f"mirrorcache {command} works on the filesystem backend only; storage.s3 is "
+              "set (the S3 backend verifies each blob's digest before it completes the "
+              "upload, and the bucket's lifecycle rules handle eviction)", file=sys.stderr)
+        return None
+    return config
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mirrorcache.server import serve
 
@@ -60,11 +70,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from mirrorcache.storage.fs import FilesystemBlobStore
     from mirrorcache.verify import verify_store
 
-    config = _load(args)
+    config = _fs_only(_load(args), "verify")
     if config is None:
         return 1
     configure_logging(config.log.level, "json" if config.log.format == "json" else "console")
-    store = FilesystemBlobStore(config.storage.filesystem.path)
+    store = FilesystemBlobStore(config.storage.fs_path)
     report = asyncio.run(verify_store(store, repair=args.repair))
     for digest in report.bad:
         print(f"{'removed' if digest in report.removed else 'corrupt'} {digest}")
@@ -76,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from mirrorcache.lifecycle.commands import run_gc
 
-    config = _load(args)
+    config = _fs_only(_load(args), "gc")
     if config is None:
         return 1
     configure_logging(config.log.level, "json" if config.log.format == "json" else "console")
@@ -86,7 +96,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_inventory(args: argparse.Namespace) -> int:
     from mirrorcache.lifecycle.commands import inventory_rows, render_inventory
 
-    config = _load(args)
+    config = _fs_only(_load(args), "inventory")
     if config is None:
         return 1
     try:

@@ -133,7 +133,7 @@ def serve(config: Config) -> int:
         serve_one(config)
         return 0
     configure_logging(config.log.level, config.log.format)
-    asyncio.run(FilesystemBlobStore(config.storage.filesystem.path).cleanup_temp())
+    asyncio.run(FilesystemBlobStore(config.storage.local_root).cleanup_temp())
     metrics_dir = _multiprocess_metrics_dir()
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}

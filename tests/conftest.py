@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 
 from tests.support.registry import RegistryProcess, registry_binary
+from tests.support.s3server import MotoServer
 from tests.support.skopeo import skopeo_binary
 from tests.support.tokenserver import TokenServer
 
@@ -95,3 +96,10 @@ def auth_registry(
 def unique_repo() -> str:
     """A fresh repository name (``test/<12 hex>``) so tests sharing a registry never collide."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """moto's standalone server (S3, ECR) as a separate process on a loopback port."""
+    with MotoServer() as server:
+        yield server

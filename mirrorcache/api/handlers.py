@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -22,6 +22,7 @@ from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
 from mirrorcache.proxy.blobs import UPSTREAM_CHUNK, CachedBlob, InflightBlob, PassthroughBlob
 from mirrorcache.proxy.passthrough import Relayed, paginate_tags
 from mirrorcache.proxy.routing import Target
+from mirrorcache.storage.base import StorageError
 
 log = structlog.get_logger("mirrorcache.api")
 
@@ -171,6 +172,13 @@ async def serve_blob(request: web.Request, target: Target, digest: Digest, *,
     request[CACHE_KEY] = source.cache
     resp: web.StreamResponse
     if isinstance(source, CachedBlob):
+        if services.redirect is not None:
+            url = await _presigned(services.redirect, digest)
+            if url is not None:
+                request[CACHE_KEY] = "redirect"
+                return web.Response(status=307, headers={
+                    **API_HEADERS, "Location": url, "Docker-Content-Digest": str(digest),
+                    "Cache-Control": "no-store"})
         if source.path is not None:
             return BlobFileResponse(source.path, chunk_size=1 << 20,
                                     headers=_blob_headers(digest))
@@ -188,6 +196,16 @@ async def serve_blob(request: web.Request, target: Target, digest: Digest, *,
         return await _stream_passthrough(request, source)
     await resp.prepare(request)
     return resp
+
+
+async def _presigned(redirect: Callable[[Digest], Awaitable[str]], digest: Digest
+                     ) -> str | None:
+    """The redirect URL, or None (serve the bytes ourselves) when it cannot be made."""
+    try:
+        return await redirect(digest)
+    except StorageError as exc:
+        log.warning("blob.redirect_failed", digest=str(digest), reason=str(exc))
+        return None
 
 
 async def _stream_passthrough(request: web.Request, source: PassthroughBlob

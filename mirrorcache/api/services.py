@@ -9,6 +9,7 @@ from aiohttp import web
 
 from mirrorcache.lifecycle.access import AccessTracker
 from mirrorcache.metrics import Metrics
+from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.blobs import BlobService
 from mirrorcache.proxy.manifests import ManifestService
 from mirrorcache.proxy.passthrough import PassthroughService
@@ -28,6 +29,9 @@ class Services:
     ready: Callable[[], Awaitable[str | None]]
     #: Pull counts and times for eviction (a dict update per request).
     access: AccessTracker = field(default_factory=lambda: AccessTracker(None))
+    #: Redirect mode (``storage.s3.redirect``): a presigned URL a cached blob's GET is
+    #: answered with (307), after the policy and the repository gate admitted it.
+    redirect: Callable[[Digest], Awaitable[str]] | None = None
 
 
 SERVICES = web.AppKey("services", Services)

@@ -8,6 +8,7 @@ credential reading. YAML file reading and ``ConfigError`` live below this packag
 
 from mirrorcache.config._section import parse_duration, parse_fraction, parse_size
 from mirrorcache.config.load import (
+    ECR_HOST_RE,
     load_config,
     parse_config,
     parse_listen,
@@ -16,12 +17,16 @@ from mirrorcache.config.model import (
     AuthConfig,
     ClusterConfig,
     Config,
+    EcrConfig,
     FilesystemStorageConfig,
     LifecycleConfig,
     LimitsConfig,
     LogConfig,
+    MiB,
     PolicyConfig,
     RetentionConfig,
+    S3LocalCacheConfig,
+    S3StorageConfig,
     SizeLimits,
     StorageConfig,
     TlsConfig,
@@ -30,16 +35,21 @@ from mirrorcache.config.model import (
 from mirrorcache.yamlfile import ConfigError, read_yaml_file
 
 __all__ = [
+    "ECR_HOST_RE",
     "AuthConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "EcrConfig",
     "FilesystemStorageConfig",
     "LifecycleConfig",
     "LimitsConfig",
     "LogConfig",
+    "MiB",
     "PolicyConfig",
     "RetentionConfig",
+    "S3LocalCacheConfig",
+    "S3StorageConfig",
     "SizeLimits",
     "StorageConfig",
     "TlsConfig",

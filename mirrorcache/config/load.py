@@ -14,17 +14,23 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mirrorcache.auth.credentials import parse_htpasswd, parse_tokens
+from mirrorcache.config._section import _MISSING as _REQUIRED
 from mirrorcache.config._section import _Section
 from mirrorcache.config.model import (
+    S3_MIN_PART_SIZE,
     AuthConfig,
     ClusterConfig,
     Config,
+    EcrConfig,
     FilesystemStorageConfig,
     LifecycleConfig,
     LimitsConfig,
     LogConfig,
+    MiB,
     PolicyConfig,
     RetentionConfig,
+    S3LocalCacheConfig,
+    S3StorageConfig,
     SizeLimits,
     StorageConfig,
     TlsConfig,
@@ -61,6 +67,109 @@ def _token_realms(sec: _Section) -> tuple[str, ...]:
     return realms
 
 
+_S3_SSE = ("AES256", "aws:kms")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _parse_s3(sec: _Section) -> S3StorageConfig:
+    """``storage.s3``: bucket, prefix, region, endpoint, SSE, parts, redirect, local tier.
+    No credentials here: aiobotocore's default chain (plus an optional ``profile``)."""
+    bucket = sec.text("bucket")
+    if isinstance(bucket, str) and not _BUCKET_RE.fullmatch(bucket):
+        sec.problem("bucket", f"not a valid S3 bucket name: {bucket!r}")
+    endpoint = sec.text("endpoint_url", None)
+    if isinstance(endpoint, str):
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            sec.problem("endpoint_url", f"expected an http(s) URL, got {endpoint!r}")
+    prefix = sec.raw("prefix", "")
+    if not isinstance(prefix, str):
+        sec.problem("prefix", "expected a string")
+        prefix = ""
+    sse = sec.raw("sse", None)
+    if sse is not None and sse not in _S3_SSE:
+        sec.problem("sse", f"expected one of {', '.join(_S3_SSE)}")
+        sse = None
+    kms = sec.text("kms_key_id", None)
+    if kms is not None and sse != "aws:kms":
+        sec.problem("kms_key_id", "only with sse: aws:kms")
+    for secret in ("access_key_id", "secret_access_key", "session_token", "aws_access_key_id",
+                   "aws_secret_access_key"):
+        if sec.has(secret):
+            sec.raw(secret, None)
+            sec.problem(secret, "no credentials in the config: use the AWS default chain "
+                        "(environment, shared files, web identity, instance role) or profile")
+    part_size = sec.size("part_size", 16 * MiB) or 16 * MiB
+    if part_size < S3_MIN_PART_SIZE:
+        sec.problem("part_size", "must be at least 5MiB (S3's smallest part)")
+    elif part_size > 5 * (1 << 30):
+        sec.problem("part_size", "must be at most 5GiB (S3's largest part)")
+    local: S3LocalCacheConfig | None = None
+    if sec.has("local_cache"):
+        lsec = sec.section("local_cache")
+        lpath = lsec.text("path")
+        max_size = lsec.size("max_size", None)
+        if max_size is None and not lsec.has("max_size"):
+            lsec.problem("max_size", "is required")
+        lsec.finish()
+        local = S3LocalCacheConfig(Path(lpath or "."), max_size or 0)
+    cfg = S3StorageConfig(
+        bucket=bucket or "",
+        prefix=prefix,
+        region=sec.text("region", None),
+        endpoint_url=endpoint,
+        addressing_style=sec.choice("addressing_style", "auto", ("auto", "virtual", "path")),
+        sse=sse,
+        kms_key_id=kms,
+        storage_class=sec.text("storage_class", None),
+        profile=sec.text("profile", None),
+        part_size=part_size,
+        max_parallel_parts=sec.integer("max_parallel_parts", 4, 1, 32),
+        redirect=sec.flag("redirect", False),
+        redirect_expiry=sec.duration("redirect_expiry", 300.0),
+        local_cache=local,
+        metadata_ttl=sec.duration("metadata_ttl", 5.0),
+        stale_upload_age=sec.duration("stale_upload_age", 3600.0),
+    )
+    if cfg.redirect and not 1 <= cfg.redirect_expiry <= 7 * 86400:
+        sec.problem("redirect_expiry", "must be between 1s and 7d (presigned URL lifetime)")
+    sec.finish()
+    return cfg
+
+
+#: An ECR registry host: ``<account>.dkr.ecr.<region>.amazonaws.com``.
+ECR_HOST_RE = re.compile(
+    r"(?P<registry_id>[0-9]{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9])"
+    r"\.amazonaws\.com(?:\.cn)?")
+
+
+def _parse_ecr(sec: _Section, url: object, has_password: bool) -> EcrConfig | None:
+    """``type: ecr`` with ``registry_id``, ``region``, ``endpoint_url``, ``profile``; a URL
+    on ``<id>.dkr.ecr.<region>.amazonaws.com`` implies it (and supplies id and region)."""
+    host = (urlsplit(url).hostname or "") if isinstance(url, str) else ""
+    m = ECR_HOST_RE.fullmatch(host.lower())
+    kind = sec.choice("type", "ecr" if m else "registry", ("registry", "ecr"))
+    ecr_keys = ("registry_id", "region", "endpoint_url", "profile")
+    if kind != "ecr":
+        for key in ecr_keys:
+            if sec.has(key):
+                sec.raw(key, None)
+                sec.problem(key, "only for type: ecr")
+        return None
+    if has_password:
+        sec.problem("type", "an ECR upstream gets its credentials from GetAuthorizationToken: "
+                    "remove username/password")
+    registry_id = sec.text("registry_id", m.group("registry_id") if m else _REQUIRED)
+    if isinstance(registry_id, str) and not re.fullmatch(r"[0-9]{12}", registry_id):
+        sec.problem("registry_id", "expected a 12-digit AWS account id")
+    region = sec.text("region", m.group("region") if m else _REQUIRED)
+    endpoint = sec.text("endpoint_url", None)
+    if isinstance(endpoint, str) and urlsplit(endpoint).scheme not in ("http", "https"):
+        sec.problem("endpoint_url", f"expected an http(s) URL, got {endpoint!r}")
+    return EcrConfig(registry_id=registry_id or "", region=region or "", endpoint_url=endpoint,
+                     profile=sec.text("profile", None))
+
+
 def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     url = sec.text("url")
     if isinstance(url, str):
@@ -76,6 +185,7 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
     password = read_secret(sec, environ)
     if password is not None and username is None:
         sec.problem("username", "is required when a password is set")
+    ecr = _parse_ecr(sec, url, username is not None or password is not None)
     ca_file = sec.text("ca_file", None)
     if isinstance(ca_file, str) and not Path(ca_file).is_file():
         sec.problem("ca_file", f"no such file: {ca_file}")
@@ -99,6 +209,8 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
         max_connections=sec.integer("max_connections", 100, 1, 10000),
         pool_timeout=sec.duration("pool_timeout", 30.0),
         token_realms=_token_realms(sec),
+        type="ecr" if ecr is not None else "registry",
+        ecr=ecr,
     )
     if up.request_timeout <= 0:
         sec.problem("request_timeout", "must be more than 0")
@@ -318,15 +430,33 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         host, port = "0.0.0.0", 5000
 
     storage_sec = root.section("storage")
-    fs_sec = storage_sec.section("filesystem")
-    fs_path = Path(fs_sec.text("path", "/var/lib/mirrorcache") or "/var/lib/mirrorcache")
-    fs_sec.finish()
+    s3_cfg = _parse_s3(storage_sec.section("s3")) if storage_sec.has("s3") else None
+    fs_cfg: FilesystemStorageConfig | None = None
+    if s3_cfg is not None and storage_sec.has("filesystem"):
+        storage_sec.problem("s3", "set exactly one of storage.filesystem and storage.s3")
+    if s3_cfg is None or storage_sec.has("filesystem"):
+        fs_sec = storage_sec.section("filesystem")
+        fs_path = Path(fs_sec.text("path", "/var/lib/mirrorcache") or "/var/lib/mirrorcache")
+        fs_sec.finish()
+        fs_cfg = FilesystemStorageConfig(path=fs_path)
     meta = storage_sec.text("metadata_path", None)
+    if isinstance(meta, str):
+        meta_path = Path(meta)
+    elif fs_cfg is not None:
+        meta_path = fs_cfg.path / "metadata"
+    elif s3_cfg is not None and s3_cfg.local_cache is not None:
+        meta_path = s3_cfg.local_cache.path / "metadata"
+    else:
+        meta_path = Path("/var/lib/mirrorcache/metadata")
     storage = StorageConfig(
-        filesystem=FilesystemStorageConfig(path=fs_path),
-        metadata_path=Path(meta) if isinstance(meta, str) else fs_path / "metadata",
+        filesystem=fs_cfg,
+        metadata_path=meta_path,
         limits=parse_size_limits(storage_sec),
+        s3=s3_cfg,
     )
+    if s3_cfg is not None and storage.limits.limited:
+        storage_sec.problem("max_size", "with storage.s3 the bucket is not size-limited here; "
+                            "bound the local tier with storage.s3.local_cache.max_size")
     storage_sec.finish()
 
     upstreams: dict[str, UpstreamConfig] = {}

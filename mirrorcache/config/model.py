@@ -11,6 +11,19 @@ from mirrorcache.upstream.dockerhub import is_docker_hub
 
 
 @dataclass(frozen=True)
+class EcrConfig:
+    """An Amazon ECR upstream: whose registry, where, and (tests) which endpoint.
+
+    Credentials come from aiobotocore's default chain, optionally the named ``profile``.
+    """
+
+    registry_id: str
+    region: str
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """One upstream registry: where it is, how to log in, how long its tags are trusted."""
 
@@ -38,6 +51,9 @@ class UpstreamConfig:
     pool_timeout: float = 30.0
     #: Token realms besides the upstream's own domain that may receive its credentials.
     token_realms: tuple[str, ...] = ()
+    #: ``registry`` (username/password or anonymous) or ``ecr`` (GetAuthorizationToken).
+    type: str = "registry"
+    ecr: EcrConfig | None = None
 
     @property
     def is_docker_hub(self) -> bool:
@@ -66,13 +82,73 @@ class SizeLimits:
         return self.max_size is not None or self.min_free > 0
 
 
+MiB = 1 << 20
+#: S3's smallest part (all but the last part of a multipart upload).
+S3_MIN_PART_SIZE = 5 * MiB
+
+
+@dataclass(frozen=True)
+class S3LocalCacheConfig:
+    """A bounded local disk tier in front of S3 (hot blobs go out with sendfile)."""
+
+    path: Path
+    max_size: int
+
+
+@dataclass(frozen=True)
+class S3StorageConfig:
+    """Blobs, tag records and repository links in an S3 bucket (keys: storage/keys.py).
+
+    Credentials come only from aiobotocore's default chain (environment, shared files, web
+    identity / IRSA, instance role), optionally from the named ``profile``.
+    """
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: str = "auto"
+    sse: str | None = None
+    kms_key_id: str | None = None
+    storage_class: str | None = None
+    profile: str | None = None
+    part_size: int = 16 * MiB
+    max_parallel_parts: int = 4
+    redirect: bool = False
+    redirect_expiry: float = 300.0
+    local_cache: S3LocalCacheConfig | None = None
+    #: How long a replica trusts its in-memory copy of a tag record or link.
+    metadata_ttl: float = 5.0
+    #: Multipart uploads older than this are a crashed process's leftovers (the janitor).
+    stale_upload_age: float = 3600.0
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    """Where cached content and metadata live."""
+    """Where cached content and metadata live: exactly one of ``filesystem`` and ``s3``."""
 
-    filesystem: FilesystemStorageConfig
+    filesystem: FilesystemStorageConfig | None
     metadata_path: Path
     limits: SizeLimits = SizeLimits()
+    s3: S3StorageConfig | None = None
+
+    @property
+    def local_root(self) -> Path:
+        """This host's working directory: the filesystem store's root, the S3 local tier's
+        path, or (S3 without a tier) the directory holding ``metadata_path``. Spools and
+        claim files live under it."""
+        if self.filesystem is not None:
+            return self.filesystem.path
+        if self.s3 is not None and self.s3.local_cache is not None:
+            return self.s3.local_cache.path
+        return self.metadata_path.parent
+
+    @property
+    def fs_path(self) -> Path:
+        """The filesystem backend's root (raise if the backend is S3: say so to the user)."""
+        if self.filesystem is None:
+            raise ValueError("this needs the filesystem storage backend (storage.s3 is set)")
+        return self.filesystem.path
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from mirrorcache.storage.metadata import Metadata
 
 
 def open_sweeper(config: Config) -> Sweeper:
-    root = config.storage.filesystem.path
+    root = config.storage.fs_path
     return Sweeper(FilesystemBlobStore(root), LifecycleDB(config.storage.metadata_path),
                    Metadata(config.storage.metadata_path), limits=config.storage.limits,
                    retention=config.retention, lifecycle=config.lifecycle, pins=config.pins,

@@ -37,7 +37,7 @@ from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import BlobNotFound, BlobStore, FetchClaims, StorageError
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.metadata import MetadataStore
 from mirrorcache.upstream.registry import BlobBody
 
 log = structlog.get_logger("mirrorcache.blobs")
@@ -98,7 +98,7 @@ class BlobService(PeerFollowing):
     """Answers blob requests from the cache, fetching each missing digest once."""
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
-                 store: BlobStore, meta: Metadata, metrics: Metrics,
+                 store: BlobStore, meta: MetadataStore, metrics: Metrics,
                  gate: RepositoryGate | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  claims: FetchClaims | None = None, owners: Owners | None = None) -> None:
@@ -262,10 +262,21 @@ class BlobService(PeerFollowing):
         return PassthroughBlob(digest, body)
 
     async def aclose(self) -> None:
+        # Blobs already verified and served, still being published (an S3 upload): give
+        # them a bounded while to land rather than abort the upload.
+        publishing = [dl.finished.wait() for dl in self._downloads.values()
+                      if dl.verified and not dl.done]
+        if publishing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PUBLISH_GRACE):
+                    await asyncio.gather(*publishing)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+
+#: At shutdown, how long verified blobs still being published may take to land.
+PUBLISH_GRACE = 20.0
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 

@@ -22,8 +22,15 @@ from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
-from mirrorcache.storage.base import BlobStore, BlobWriter, DigestMismatch, FetchClaim, StorageError
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.base import (
+    BlobStore,
+    BlobWriter,
+    DigestMismatch,
+    FetchClaim,
+    StorageError,
+    VerifiesEarly,
+)
+from mirrorcache.storage.metadata import MetadataStore
 from mirrorcache.upstream.client import UpstreamUnavailable
 from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
 
@@ -60,6 +67,8 @@ class Download:
         self.source: BlobOpener | None = None
         self.written = 0
         self.done = False
+        #: The digest checked out (the store is still publishing): every byte may be sent.
+        self.verified = False
         self.error: OCIError | None = None
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
@@ -71,7 +80,7 @@ class Download:
 
     def readable_until(self) -> int:
         """Bytes a reader may send now: all once verified, else all but the last."""
-        if self.done:
+        if self.done or self.verified:
             return self.written
         if self.size is None:
             return max(self.written - 1, 0)
@@ -103,9 +112,9 @@ class Download:
                 raise DownloadFailed(self.error.code, self.error.message,
                                      status=self.error.status)
             limit = min(self.readable_until(), stop)
-            if pos < limit or (self.done and pos >= stop):
+            if pos < limit or ((self.done or self.verified) and pos >= stop):
                 return limit
-            if self.done:
+            if self.done or self.verified:
                 raise DownloadFailed(ErrorCode.UNKNOWN, "in-flight blob shorter than announced")
             await changed.wait()
 
@@ -115,7 +124,7 @@ class Downloading:
 
     _upstreams: Upstreams
     _store: BlobStore
-    _meta: Metadata
+    _meta: MetadataStore
     _metrics: Metrics
     _clock: Callable[[], float]
     _bypass_until: float
@@ -163,6 +172,10 @@ class Downloading:
                 # never need upstream to confirm it (upstream just served it for this one).
                 await self._meta.link(target.upstream, target.repository, digest)
                 try:
+                    if isinstance(w, VerifiesEarly):  # serve while the store publishes
+                        await w.verify()
+                        dl.verified = True
+                        dl.notify()
                     await w.commit()
                 except DigestMismatch as exc:
                     log.error("blob.digest_mismatch", upstream=target.upstream,

@@ -29,7 +29,7 @@ from mirrorcache.storage.base import (
     put_bytes,
     read_bytes,
 )
-from mirrorcache.storage.metadata import Metadata, TagRecord
+from mirrorcache.storage.metadata import MetadataStore, TagRecord
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
@@ -65,7 +65,7 @@ class ManifestService:
     """Answers manifest requests from the cache, asking upstream only when it must."""
 
     def __init__(self, upstreams: Upstreams, configs: dict[str, UpstreamConfig],
-                 store: BlobStore, meta: Metadata, coalescer: Coalescer,
+                 store: BlobStore, meta: MetadataStore, coalescer: Coalescer,
                  metrics: Metrics, gate: RepositoryGate | None = None,
                  claims: FetchClaims | None = None, owners: Owners | None = None) -> None:
         self._upstreams = upstreams
@@ -109,7 +109,7 @@ class ManifestService:
                 return None
             declared = media.declared_media_type(body)
             self._memo[digest] = (body, declared)
-        mt = declared or self._meta.get_media_type(target.upstream, target.repository,
+        mt = declared or await self._meta.aget_media_type(target.upstream, target.repository,
                                                    digest) or media.sniff_media_type(body)
         return ManifestResult(digest, mt, len(body), body, cache)
 
@@ -121,13 +121,13 @@ class ManifestService:
         except StorageError:
             return False
 
-    def _tag_record(self, target: Target, tag: str, ttl: float) -> TagRecord | None:
+    async def _tag_record(self, target: Target, tag: str, ttl: float) -> TagRecord | None:
         """The tag record: from memory while fresh, else from the shared metadata store
         (another worker may have refreshed it)."""
         key = (target.upstream, target.repository, tag)
         rec = self._tags.get(key)
         if rec is None or rec.age() >= ttl:
-            rec = self._meta.get_tag(target.upstream, target.repository, tag)
+            rec = await self._meta.aget_tag(target.upstream, target.repository, tag)
             if rec is not None:
                 self._tags[key] = rec
         return rec
@@ -187,7 +187,7 @@ class ManifestService:
     async def _by_tag(self, target: Target, tag: str, accept: str | None, *,
                       head: bool, ask_owner: bool = True) -> ManifestResult:
         cfg = self._configs[target.upstream]
-        rec = self._tag_record(target, tag, cfg.tag_ttl)
+        rec = await self._tag_record(target, tag, cfg.tag_ttl)
         if rec is not None:
             age = rec.age()
             fresh = age < cfg.tag_ttl or cfg.offline
@@ -227,9 +227,9 @@ class ManifestService:
         key = ("tag", target.upstream, target.repository, tag)
         if self._coalescer.is_running(key):
             return
-        rec = self._meta.get_tag(target.upstream, target.repository, tag)
 
         async def refresh() -> None:
+            rec = await self._meta.aget_tag(target.upstream, target.repository, tag)
             try:
                 await self._coalescer.run(key, lambda: self._revalidate_once(target, tag, rec))
             except OCIError as err:
@@ -247,7 +247,7 @@ class ManifestService:
         since = time.time()
 
         async def refreshed() -> ManifestResult | None:
-            now = self._meta.get_tag(target.upstream, target.repository, tag)
+            now = await self._meta.aget_tag(target.upstream, target.repository, tag)
             if now is None or now.checked_at < since:
                 return None
             self._tags[(target.upstream, target.repository, tag)] = now

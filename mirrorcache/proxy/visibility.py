@@ -23,7 +23,7 @@ from mirrorcache.config import UpstreamConfig
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
-from mirrorcache.storage.metadata import Metadata
+from mirrorcache.storage.metadata import MetadataStore
 
 log = structlog.get_logger("mirrorcache.visibility")
 
@@ -35,12 +35,12 @@ Confirm = Callable[[], Awaitable[int | None]]
 class RepositoryGate:
     """Decides whether an (upstream, repository) may be handed content by digest."""
 
-    def __init__(self, configs: Mapping[str, UpstreamConfig], meta: Metadata) -> None:
+    def __init__(self, configs: Mapping[str, UpstreamConfig], meta: MetadataStore) -> None:
         self._configs = configs
         self._meta = meta
 
-    def linked(self, target: Target, digest: Digest) -> bool:
-        return self._meta.is_linked(target.upstream, target.repository, digest)
+    async def linked(self, target: Target, digest: Digest) -> bool:
+        return await self._meta.ais_linked(target.upstream, target.repository, digest)
 
     async def admit(self, target: Target, digest: Digest, *, unknown: ErrorCode, confirm: Confirm,
                     fetching_for: tuple[str, str] | None = None,
@@ -52,7 +52,7 @@ class RepositoryGate:
         """
         if fetching_for == (target.upstream, target.repository):
             return
-        if self.linked(target, digest):
+        if await self.linked(target, digest):
             return
         if self._configs[target.upstream].offline:
             raise OCIError(unknown, f"{digest} is not known to be in {target.repository} and "

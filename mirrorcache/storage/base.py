@@ -148,6 +148,17 @@ class FetchClaims(Protocol):
 
 
 @runtime_checkable
+class VerifiesEarly(Protocol):
+    """Optional capability of a :class:`BlobWriter` whose ``commit`` is slow (an upload to
+    object storage): check the digest first, so the verified bytes can be served while the
+    store publishes them."""
+
+    async def verify(self) -> None:
+        """Flush and check the digest of everything written; raise DigestMismatch (and
+        discard the write) otherwise. ``commit`` must still be called to publish."""
+
+
+@runtime_checkable
 class Janitor(Protocol):
     """Optional capability: a backend that leaves temporary files behind a crash."""
 

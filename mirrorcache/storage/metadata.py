@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import diskcache
 import structlog
@@ -69,8 +69,41 @@ class TagRecord:
         return (time.time() if now is None else now) - self.checked_at
 
 
+class MetadataStore(Protocol):
+    """What the proxy and the sweeper need of a metadata store: :class:`Metadata` (diskcache,
+    one host) and :class:`~mirrorcache.storage.s3_metadata.S3Metadata` (S3, every replica).
+
+    Reads are async (S3 may have to be asked); nothing here ever raises to a request: a store
+    that fails answers "don't know" (None / False) and drops or defers writes.
+    """
+
+    async def aget_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None: ...
+
+    async def set_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None: ...
+
+    async def drop_tag(self, upstream: str, repo: str, tag: str, digest: Digest) -> None: ...
+
+    async def forget(self, upstream: str, repo: str, digest: Digest) -> None: ...
+
+    async def aget_media_type(self, upstream: str, repo: str, digest: Digest) -> str | None: ...
+
+    async def set_media_type(self, upstream: str, repo: str, digest: Digest,
+                             media_type: str) -> None: ...
+
+    async def ais_linked(self, upstream: str, repo: str, digest: Digest) -> bool: ...
+
+    async def link(self, upstream: str, repo: str, digest: Digest) -> None: ...
+
+    async def touch(self, digest: Digest) -> None: ...
+
+    def problem(self) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
 class Metadata:
-    """The metadata store of one cache."""
+    """The metadata store of one cache (satisfies :class:`MetadataStore`; the sync reads are
+    for the lifecycle commands, which run beside the store on one host)."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self._path = path
@@ -183,6 +216,9 @@ class Metadata:
         except (TypeError, ValueError):
             return None
 
+    async def aget_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        return self.get_tag(upstream, repo, tag)
+
     async def set_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
         value = (str(rec.digest), rec.media_type, rec.size, rec.checked_at)
         await self._write(lambda c: c.set(f"tag:{upstream}/{repo}:{tag}", value,
@@ -211,6 +247,9 @@ class Metadata:
         value = self._read(lambda c: c.get(f"mt:{upstream}/{repo}@{digest}"), None)
         return value if isinstance(value, str) else None
 
+    async def aget_media_type(self, upstream: str, repo: str, digest: Digest) -> str | None:
+        return self.get_media_type(upstream, repo, digest)
+
     async def set_media_type(self, upstream: str, repo: str, digest: Digest,
                              media_type: str) -> None:
         await self._write(lambda c: c.set(f"mt:{upstream}/{repo}@{digest}", media_type,
@@ -219,6 +258,9 @@ class Metadata:
     # -- repository links: upstream confirmed that this repository holds this digest
     def is_linked(self, upstream: str, repo: str, digest: Digest) -> bool:
         return self._read(lambda c: f"link:{upstream}/{repo}@{digest}" in c, False)
+
+    async def ais_linked(self, upstream: str, repo: str, digest: Digest) -> bool:
+        return self.is_linked(upstream, repo, digest)
 
     async def link(self, upstream: str, repo: str, digest: Digest) -> None:
         await self._write(lambda c: c.set(f"link:{upstream}/{repo}@{digest}", 1,

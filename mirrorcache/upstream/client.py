@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import ssl
 import time
@@ -37,7 +36,13 @@ from mirrorcache.upstream.auth import (
     pull_scope,
 )
 from mirrorcache.upstream.breaker import CircuitBreaker, Rejection
+from mirrorcache.upstream.credentials import (  # noqa: F401  basic_auth_header: re-export
+    CredentialSource,
+    StaticCredentials,
+    basic_auth_header,
+)
 from mirrorcache.upstream.dockerhub import parse_ratelimit
+from mirrorcache.upstream.ecr import EcrCredentials
 from mirrorcache.upstream.realm import RealmPolicy
 
 log = structlog.get_logger("mirrorcache.upstream")
@@ -136,11 +141,20 @@ def retry_after_seconds(value: str | None, default: float) -> float:
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
+def credentials_for(cfg: UpstreamConfig) -> CredentialSource | None:
+    """The credential source an upstream's config describes (None: anonymous)."""
+    if cfg.ecr is not None:
+        return EcrCredentials(cfg.name, cfg.ecr)
+    if cfg.username:
+        return StaticCredentials(cfg.username, cfg.password)
+    return None
+
+
 class UpstreamClient:
     """Requests to one upstream registry, authenticated as that upstream asks."""
 
     def __init__(self, cfg: UpstreamConfig, session: aiohttp.ClientSession,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, credentials: CredentialSource | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self._session = session
@@ -152,7 +166,7 @@ class UpstreamClient:
         self._in_flight = 0
         self._realms = RealmPolicy(cfg.url, cfg.token_realms)
         self._refused_realms: set[str] = set()
-        self._basic = basic_auth_header(cfg.username, cfg.password) if cfg.username else None
+        self.credentials = credentials if credentials is not None else credentials_for(cfg)
         self._tokens = TokenCache()
         self._bearer: Challenge | None = None  # last bearer challenge, for proactive tokens
         self._use_basic = False
@@ -183,8 +197,9 @@ class UpstreamClient:
                     cached = self._tokens.get(realm, service, scope)
                     if cached:
                         return cached
+                basic = await self.credentials.basic() if self.credentials else None
                 token, lifetime = await fetch_token(self._session, challenge, scope,
-                                                    self._basic, self._ssl,
+                                                    basic, self._ssl,
                                                     self._timeout(deadline), self._realms)
         except TokenError as exc:
             if exc.status in (401, 403):
@@ -210,8 +225,8 @@ class UpstreamClient:
                 return f"Bearer {cached}"
             token = await self._token_for(self._bearer, scope, fresh=False, deadline=deadline)
             return f"Bearer {token}"
-        if self._use_basic and self._basic is not None:
-            return self._basic
+        if self._use_basic and self.credentials is not None:
+            return await self.credentials.basic()
         return None
 
     async def _send(self, method: str, url: str, headers: CIMultiDict[str],
@@ -366,6 +381,7 @@ class UpstreamClient:
         hdrs.setdefault("Accept-Encoding", "identity")
         async with self._slot():
             deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
+            auth_since = time.monotonic()
             auth = await self._auth_header(scope, deadline)
             if auth:
                 hdrs["Authorization"] = auth
@@ -373,7 +389,7 @@ class UpstreamClient:
             try:
                 if resp.status == 401:
                     resp = await self._retry_authenticated(method, url, hdrs, scope, resp,
-                                                           deadline, stream)
+                                                           deadline, stream, auth_since)
                 resp = await self._follow_redirects(method, url, hdrs, resp, deadline, stream)
                 yield resp
             finally:
@@ -381,7 +397,7 @@ class UpstreamClient:
 
     async def _retry_authenticated(self, method: str, url: str, hdrs: CIMultiDict[str],
                                    scope: str, resp: aiohttp.ClientResponse, deadline: float,
-                                   stream: bool) -> aiohttp.ClientResponse:
+                                   stream: bool, auth_since: float) -> aiohttp.ClientResponse:
         challenges = parse_challenges(", ".join(resp.headers.getall("WWW-Authenticate", [])))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
@@ -392,9 +408,19 @@ class UpstreamClient:
             want = bearer.params.get("scope", scope)
             token = await self._token_for(bearer, want, fresh=had_token, deadline=deadline)
             hdrs["Authorization"] = f"Bearer {token}"
-        elif basic is not None and self._basic is not None and not self._use_basic:
+        elif basic is not None and self.credentials is not None:
+            sent = hdrs.get("Authorization", "").startswith("Basic ")
+            if sent and not self.credentials.refreshable:
+                return resp  # the only credentials we have were refused
+            # First Basic challenge: send the credentials. A refusal of credentials we sent:
+            # one refresh (shared by concurrent refusals) and one retry.
             self._use_basic = True
-            hdrs["Authorization"] = self._basic
+            value = await self.credentials.basic(refused_since=auth_since if sent else None)
+            if value is None:
+                return resp
+            if sent:
+                log.info("upstream.credentials_refreshed", upstream=self.name)
+            hdrs["Authorization"] = value
         else:
             return resp
         resp.release()
@@ -421,12 +447,6 @@ class UpstreamClient:
                 origin = _origin(url)
             resp = await self._send(method, url, hdrs, deadline, stream=stream)
         return resp
-
-
-def basic_auth_header(username: str, password: str | None) -> str:
-    """An ``Authorization: Basic`` value (RFC 7617, UTF-8)."""
-    raw = f"{username}:{password or ''}".encode()
-    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 def _origin(url: str) -> tuple[str, str]:

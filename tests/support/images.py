@@ -280,6 +280,7 @@ class RegistryClient:
             self.creds = auth
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}
+        self._use_basic = False  # the registry asked for Basic auth (htpasswd)
         self.token_fetches = 0
 
     async def __aenter__(self) -> RegistryClient:
@@ -330,6 +331,8 @@ class RegistryClient:
             hdrs = dict(headers or {})
             if repo in self._tokens:
                 hdrs["Authorization"] = f"Bearer {self._tokens[repo]}"
+            elif self._use_basic and self.creds:
+                hdrs["Authorization"] = basic_auth_header(*self.creds)
             async with self.session.request(
                 method, target, data=data, headers=hdrs, allow_redirects=False
             ) as resp:
@@ -339,6 +342,10 @@ class RegistryClient:
             challenge = parse_bearer_challenge(resp_headers.get("WWW-Authenticate", ""))
             if status == 401 and challenge and "realm" in challenge and attempt == 0:
                 self._tokens[repo] = await self._fetch_token(challenge, repo)
+                continue
+            basic = resp_headers.get("WWW-Authenticate", "").lower().startswith("basic")
+            if status == 401 and basic and self.creds and not self._use_basic:
+                self._use_basic = True
                 continue
             return status, resp_headers, body
         raise AssertionError("unreachable")

@@ -21,8 +21,10 @@ from tests.support.ports import free_port
 class MirrorProcess:
     """``async with MirrorProcess(raw_config, workdir) as m:`` -> ``mirrorcache serve``."""
 
-    def __init__(self, raw: dict[str, Any], workdir: Path, *, workers: int = 1) -> None:
+    def __init__(self, raw: dict[str, Any], workdir: Path, *, workers: int = 1,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.env = env  # None: this process's environment
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.workers = workers
@@ -48,6 +50,7 @@ class MirrorProcess:
                 [sys.executable, "-m", "mirrorcache", "serve", "--config",
                  str(self.config_path)],
                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env,
             )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
