@@ -14,7 +14,9 @@ slot) is released when that block exits, on every path.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,7 +79,8 @@ class BlobBody:
     """
 
     def __init__(self, upstream: str, digest: Digest, resp: aiohttp.ClientResponse, *,
-                 size: int | None, start: int, length: int | None, partial: bool) -> None:
+                 size: int | None, start: int, length: int | None, partial: bool,
+                 read_timeout: float | None = None) -> None:
         self.upstream = upstream
         self.digest = digest
         self.size = size
@@ -85,6 +88,8 @@ class BlobBody:
         self.length = length
         self.partial = partial
         self._resp = resp
+        self._read_timeout = read_timeout
+        self._raw: RawBody | None = None
 
     @property
     def content_range(self) -> str | None:
@@ -101,6 +106,108 @@ class BlobBody:
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
+
+    def raw(self) -> RawBody | None:
+        """The rest of the body as a blocking reader for a thread (:class:`RawBody`), taken
+        off aiohttp's connection: the event loop then never touches the body's bytes. Only
+        for a plain-TCP, identity, ``Content-Length`` body on a loop transport that gives its
+        socket; None otherwise (TLS, chunked, encoded, unknown length), and the caller reads
+        :meth:`chunks` as before. The connection is closed, not reused, when the body's
+        block exits."""
+        if self._raw is not None:
+            return self._raw
+        resp = self._resp
+        if self.length is None or resp.connection is None:
+            return None
+        if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
+            return None
+        if resp.headers.get("Content-Encoding", "identity").strip().lower() not in (
+                "", "identity"):
+            return None
+        transport = resp.connection.transport
+        if transport is None or transport.is_closing():
+            return None
+        if transport.get_extra_info("sslcontext") is not None or \
+                transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS lives in the loop's SSL protocol: its bytes are not raw
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            return None
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        try:
+            # What aiohttp has parsed already comes first; then no more reads by the loop.
+            head = resp.content.read_nowait(-1)
+        except (RuntimeError, aiohttp.ClientError, TimeoutError):
+            dup.close()
+            return None
+        transport.pause_reading()
+        dup.settimeout(self._read_timeout)  # non-blocking underneath, like the loop's socket
+        self._raw = RawBody(self.upstream, dup, head, self.length)
+        return self._raw
+
+    def close(self) -> None:
+        """Release the raw reader, if one was taken; the connection then cannot be reused."""
+        if self._raw is not None:
+            self._raw.close()
+            self._resp.close()
+
+
+class RawBody:
+    """A blob body read straight from the upstream socket, blocking, in one thread: at most
+    ``length`` bytes (bytes aiohttp had already buffered come first). Each read waits at
+    most ``read_timeout``; a cut or a silent upstream is ``UpstreamBodyBroken``, and
+    :meth:`abort` (from any thread) wakes a blocked read."""
+
+    def __init__(self, upstream: str, sock: socket.socket, head: bytes, length: int) -> None:
+        self.upstream = upstream
+        self._sock = sock
+        self._head = memoryview(head)
+        self.remaining = length
+        self._aborted = False
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Fill ``buf`` as far as the body goes; 0 at its end (``remaining`` 0). A body that
+        stops short is ``UpstreamBodyBroken`` (after the bytes before are returned)."""
+        want = min(len(buf), self.remaining)
+        got = 0
+        if self._head:
+            got = min(len(self._head), want)
+            buf[:got] = self._head[:got]
+            self._head = self._head[got:]
+        while got < want:
+            if self._aborted:
+                raise UpstreamBodyBroken(self.upstream, "aborted")
+            try:
+                n = self._sock.recv_into(buf[got:want])
+            except TimeoutError:
+                if got:
+                    break  # hand over what came; the next read times out again
+                raise UpstreamBodyBroken(self.upstream, "SocketTimeoutError") from None
+            except OSError as exc:
+                if got:
+                    break
+                raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
+            if n == 0:
+                if got:
+                    break
+                raise UpstreamBodyBroken(self.upstream, "ClientPayloadError")
+            got += n
+        self.remaining -= got
+        return got
+
+    def abort(self) -> None:
+        """Wake a read blocked in another thread and end this body."""
+        self._aborted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +294,15 @@ class RegistryClient:
                                   {"Range": rng} if rng else None) as resp:
             if resp.status not in (200, 206):
                 raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
+            read_timeout = self.http.cfg.read_timeout
             if resp.status == 200:
-                yield BlobBody(self.name, digest, resp, size=resp.content_length, start=0,
-                               length=resp.content_length, partial=False)
+                body = BlobBody(self.name, digest, resp, size=resp.content_length, start=0,
+                                length=resp.content_length, partial=False,
+                                read_timeout=read_timeout)
+                try:
+                    yield body
+                finally:
+                    body.close()
                 return
             value = resp.headers.get("Content-Range", "")
             m = _CONTENT_RANGE.fullmatch(value.strip())
@@ -199,8 +312,12 @@ class RegistryClient:
             if first != offset or last < first:
                 raise UpstreamRangeRefused(self.name, f"asked for {rng}, got {value[:80]!r}")
             size = None if m.group(3) == "*" else int(m.group(3))
-            yield BlobBody(self.name, digest, resp, size=size, start=first,
-                           length=last - first + 1, partial=True)
+            body = BlobBody(self.name, digest, resp, size=size, start=first,
+                            length=last - first + 1, partial=True, read_timeout=read_timeout)
+            try:
+                yield body
+            finally:
+                body.close()
 
     # -- manifests
     async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestInfo:
