@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import threading
 import time
 from collections.abc import Callable
@@ -256,7 +257,10 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             finished.set_result(result)
 
     def run() -> None:
-        buf = memoryview(bytearray(DIRECT_BUFFER))
+        # Page-aligned (an anonymous map, not a bytearray at malloc's odd offset): the kernel
+        # copies it into page-aligned page-cache folios 2x faster on this machine's CPUs.
+        area = mmap.mmap(-1, DIRECT_BUFFER)
+        buf = memoryview(area)
         result: str | BaseException | None = None
         try:
             while raw.remaining:
@@ -269,6 +273,10 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             result = exc.reason
         except BaseException as exc:  # StorageError, or a bug: the loop side raises it
             result = exc
+        finally:
+            buf.release()
+            with contextlib.suppress(BufferError):
+                area.close()
         with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits
             loop.call_soon_threadsafe(finish, result)
 
