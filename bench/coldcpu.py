@@ -37,56 +37,8 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 import run  # noqa: E402
-import trustme  # noqa: E402
 
 MiB = 1 << 20
-
-
-def tls_front(workdir: Path, upstream_url: str) -> tuple[run.Nginx, Path]:
-    """nginx terminating TLS in front of the upstream; returns it and the CA file."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    d = workdir / "pki"
-    d.mkdir()
-    cert, key, ca_file = d / "server.pem", d / "server.key", d / "ca.pem"
-    leaf.private_key_pem.write_to_path(str(key))
-    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    ca.cert_pem.write_to_path(str(ca_file))
-    body = f"""ssl_certificate {cert};
-    ssl_certificate_key {key};
-    location / {{
-      proxy_pass {upstream_url};
-      proxy_http_version 1.1;
-      proxy_set_header Host $http_host;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 600s;
-    }}"""
-    ngx = run.Nginx(workdir, "tls", 1, body)
-    conf = ngx.dir / "nginx.conf"
-    conf.write_text(conf.read_text().replace(f"listen 127.0.0.1:{ngx.port};",
-                                             f"listen 127.0.0.1:{ngx.port} ssl;"))
-    ngx.url = f"https://127.0.0.1:{ngx.port}"
-    return ngx, ca_file
-
-
-def start_nginx_tls(ngx: run.Nginx) -> None:
-    d = ngx.dir
-    with open(d / "stderr.log", "ab") as logf:
-        ngx.proc = subprocess.Popen(
-            [run.NGINX, "-c", str(d / "nginx.conf"), "-p", str(d), "-e", str(d / "error.log"),
-             "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    import socket
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", ngx.port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or ngx.proc.poll() is not None:
-                raise RuntimeError("nginx (TLS) did not start") from None
-            time.sleep(0.05)
 
 
 def fetch(urls: list[str]) -> dict[str, Any]:
@@ -145,8 +97,8 @@ def main() -> int:
         up_url = up.url
         env: dict[str, str] = {}
         if a.https:
-            ngx, ca_file = tls_front(work, up.url)
-            start_nginx_tls(ngx)
+            ngx, ca_file = run.tls_upstream(work, up.url)
+            ngx.start()
             procs.append(ngx)
             up_url = ngx.url
             os.environ["SSL_CERT_FILE"] = str(ca_file)  # the peer (Go) and mirrorcache
