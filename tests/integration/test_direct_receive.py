@@ -217,3 +217,4 @@ async def test_tls_upstream_keeps_the_loop_path(tmp_path: Path) -> None:
     finally:
         await ts.close()
 
+
