@@ -257,8 +257,8 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             finished.set_result(result)
 
     def run() -> None:
-        # Page-aligned (an anonymous map, not a bytearray at malloc's odd offset): the kernel
-        # copies it into page-aligned page-cache folios 2x faster on this machine's CPUs.
+        # Page-aligned (an anonymous map rather than a bytearray at malloc's offset), like
+        # the page-cache folios the kernel copies it into.
         area = mmap.mmap(-1, DIRECT_BUFFER)
         buf = memoryview(area)
         result: str | BaseException | None = None
