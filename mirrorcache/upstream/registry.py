@@ -17,9 +17,11 @@ import asyncio
 import os
 import re
 import socket
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import aiohttp
 
@@ -90,6 +92,7 @@ class BlobBody:
         self._resp = resp
         self._read_timeout = read_timeout
         self._raw: RawBody | None = None
+        self._taken: asyncio.BaseTransport | None = None
 
     @property
     def content_range(self) -> str | None:
@@ -109,9 +112,10 @@ class BlobBody:
 
     def raw(self) -> RawBody | None:
         """The rest of the body as a blocking reader for a thread (:class:`RawBody`), taken
-        off aiohttp's connection: the event loop then never touches the body's bytes. Only
-        for a plain-TCP, identity, ``Content-Length`` body on a loop transport that gives its
-        socket; None otherwise (TLS, chunked, encoded, unknown length), and the caller reads
+        off aiohttp's connection: the event loop then never touches the body's bytes (nor,
+        over TLS, decrypts them: the thread takes over asyncio's TLS session). Only for an
+        identity, ``Content-Length`` body on a loop transport that gives its socket; None
+        otherwise (chunked, encoded, unknown length, uvloop's TLS), and the caller reads
         :meth:`chunks` as before. The connection is closed, not reused, when the body's
         block exits."""
         if self._raw is not None:
@@ -127,9 +131,10 @@ class BlobBody:
         transport = resp.connection.transport
         if transport is None or transport.is_closing():
             return None
-        if transport.get_extra_info("sslcontext") is not None or \
-                transport.get_extra_info("ssl_object") is not None:
-            return None  # TLS lives in the loop's SSL protocol: its bytes are not raw
+        tls = _TlsTakeover.of(transport)
+        if tls is None and (transport.get_extra_info("sslcontext") is not None
+                            or transport.get_extra_info("ssl_object") is not None):
+            return None  # TLS of an SSL protocol we cannot take over (uvloop's)
         sock = transport.get_extra_info("socket")
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
             return None
@@ -144,14 +149,19 @@ class BlobBody:
             dup.close()
             return None
         transport.pause_reading()
+        if tls is not None:
+            tls.pause()
         dup.settimeout(self._read_timeout)  # non-blocking underneath, like the loop's socket
-        self._raw = RawBody(self.upstream, dup, head, self.length)
+        self._raw = RawBody(self.upstream, dup, head, self.length, tls)
+        self._taken = transport
         return self._raw
 
     def close(self) -> None:
         """Release the raw reader, if one was taken; the connection then cannot be reused."""
         if self._raw is not None:
             self._raw.close()
+            if self._taken is not None:
+                self._taken.abort()  # type: ignore[attr-defined]  # no TLS goodbye: never read
             self._resp.close()
 
 
@@ -161,12 +171,15 @@ class RawBody:
     most ``read_timeout``; a cut or a silent upstream is ``UpstreamBodyBroken``, and
     :meth:`abort` (from any thread) wakes a blocked read."""
 
-    def __init__(self, upstream: str, sock: socket.socket, head: bytes, length: int) -> None:
+    def __init__(self, upstream: str, sock: socket.socket, head: bytes, length: int,
+                 tls: _TlsTakeover | None = None) -> None:
         self.upstream = upstream
         self._sock = sock
         self._head = memoryview(head)
         self.remaining = length
         self._aborted = False
+        self._tls = tls
+        self._cipher = memoryview(bytearray(1 << 18)) if tls is not None else None
 
     def recv_into(self, buf: memoryview) -> int:
         """Fill ``buf`` as far as the body goes; 0 at its end (``remaining`` 0). A body that
@@ -181,7 +194,8 @@ class RawBody:
             if self._aborted:
                 raise UpstreamBodyBroken(self.upstream, "aborted")
             try:
-                n = self._sock.recv_into(buf[got:want])
+                n = (self._sock.recv_into(buf[got:want]) if self._tls is None
+                     else self._recv_tls(buf[got:want]))
             except TimeoutError:
                 if got:
                     break  # hand over what came; the next read times out again
@@ -198,6 +212,25 @@ class RawBody:
         self.remaining -= got
         return got
 
+    def _recv_tls(self, buf: memoryview) -> int:
+        """Plaintext into ``buf``: what the TLS session holds, else ciphertext from the socket
+        fed to it. 0 at the end of the stream."""
+        tls = self._tls
+        assert tls is not None and self._cipher is not None
+        while True:
+            try:
+                return cast(int, tls.sslobj.read(len(buf), buf))  # into buf: a count
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # close_notify
+                return 0
+            except ssl.SSLError as exc:
+                raise OSError(str(exc)) from None
+            k = self._sock.recv_into(self._cipher)
+            if k == 0:
+                return 0
+            tls.incoming.write(self._cipher[:k])
+
     def abort(self) -> None:
         """Wake a read blocked in another thread and end this body."""
         self._aborted = True
@@ -208,6 +241,40 @@ class RawBody:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class _TlsTakeover:
+    """The TLS session of an asyncio ``SSLProtocol`` (CPython's), taken over by the thread
+    that reads a blob body: its ``SSLObject`` and the ``MemoryBIO`` it decrypts from. Once the
+    app side and the socket side are both paused, the event loop never touches either again
+    (the connection is closed, not reused, after the body), so the thread may feed the BIO
+    with ciphertext from the socket and read plaintext. These are private attributes of
+    ``asyncio.sslproto``: anything unexpected, and the body stays on the event loop."""
+
+    def __init__(self, proto: object, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 inner: asyncio.Transport) -> None:
+        self._proto = proto
+        self.sslobj = sslobj
+        self.incoming = incoming
+        self._inner = inner
+
+    @classmethod
+    def of(cls, transport: asyncio.BaseTransport) -> _TlsTakeover | None:
+        proto = getattr(transport, "_ssl_protocol", None)
+        sslobj = getattr(proto, "_sslobj", None)
+        incoming = getattr(proto, "_incoming", None)
+        inner = getattr(proto, "_transport", None)
+        if (not isinstance(sslobj, ssl.SSLObject) or not isinstance(incoming, ssl.MemoryBIO)
+                or not isinstance(inner, asyncio.Transport)
+                or not hasattr(proto, "_ssl_reading_paused")):
+            return None
+        return cls(proto, sslobj, incoming, inner)
+
+    def pause(self) -> None:
+        """Stop the loop reading the socket, and keep the protocol's own flow control from
+        resuming it (it resumes only what it paused itself)."""
+        self._inner.pause_reading()
+        self._proto._ssl_reading_paused = False  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The cold path's fast receive: a thread reads the upstream body straight off the socket
-(plain HTTP, ``Content-Length``, identity), and every other body (chunked, TLS) keeps the
-event loop's path. Either way: the exact bytes, the digest checked, one upstream GET, a broken
-or silent body resumed with Range, and the connection slot given back."""
+(``Content-Length``, identity; over TLS it takes over asyncio's session), and every other
+body (chunked) keeps the event loop's path. Either way: the exact bytes, the digest checked,
+one upstream GET, a broken or silent body resumed with Range, the connection slot given
+back."""
 
 from __future__ import annotations
 
@@ -196,25 +197,30 @@ async def test_chunked_body_keeps_the_loop_path(tmp_path: Path) -> None:
         await ts.close()
 
 
-async def test_tls_upstream_keeps_the_loop_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stall_at", [None, 1_000_000])
+async def test_tls_upstream_received_directly(tmp_path: Path, stall_at: int | None) -> None:
     ca = TestCA(tmp_path / "pki")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(ca.cert, ca.key)
     data = os.urandom(3_000_000)
-    server = BlobServer(blobs={sha(data): data})
+    server = BlobServer(blobs={sha(data): data}, stall_at=stall_at)
     ts = await start(server, ctx)
     try:
         url = f"https://127.0.0.1:{ts.port}"
-        raw = mirror_config(tmp_path, {"docker.io": {"url": url, "ca_file": str(ca.ca_file)}})
+        raw = mirror_config(tmp_path, {"docker.io": {"url": url, "ca_file": str(ca.ca_file),
+                                                     "read_timeout": "300ms"}})
         async with Mirror(raw) as mirror:
             with capture_logs() as logs:
-                status, body = await pull(mirror, sha(data))
-            assert status == 200 and body == data
-            assert committed(logs) == [("loop", len(data))]
-            assert len(server.gets) == 1
+                results = await asyncio.gather(pull(mirror, sha(data)), pull(mirror, sha(data)))
+            assert results == [(200, data), (200, data)]
+            assert committed(logs) == [("direct", len(data))]
+            resumes = [(e["offset"], e["error"]) for e in logs if e["event"] == "blob.resume"]
+            if stall_at is None:
+                assert len(server.gets) == 1 and resumes == []
+            else:
+                assert len(server.gets) == 2 and server.gets[1]["Range"] == "bytes=1000000-"
+                assert resumes == [(1_000_000, "SocketTimeoutError")]
             assert slots_in_use(mirror) == 0
             await assert_cached(tmp_path, sha(data), len(data))
     finally:
         await ts.close()
-
-
