@@ -7,7 +7,7 @@ Usage::
                         [--duration 10] [--reps 3] [--concurrency 50] [--clients 200]
                         [--workdir DIR] [--keep] [--results PATH] [--json PATH]
                         [--profile] [--no-uvloop] [--mirror-env K=V] [--quiet-wait S]
-                        [--upstream-mibps N] [--seed N]
+                        [--upstream-mibps N] [--https-upstream] [--seed N]
 
 ``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
 minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
@@ -65,6 +65,12 @@ the machine facts, per-process CPU seconds per measurement and upstream request 
 ``bench/RESULTS-upstream200.md`` hold full runs with ``--workers 2`` and
 ``--upstream-mibps 200``.
 
+``--https-upstream`` puts nginx terminating TLS (a certificate from a private trustme CA,
+trusted through ``SSL_CERT_FILE``) in front of the upstream (or of the throttle) for
+mirrorcache and the peer: every real registry is HTTPS, and TLS is decrypted in mirrorcache's
+event loop. The direct pulls stay plain HTTP (fetch.py speaks no TLS). ``bench/coldcpu.py``
+measures CPU-seconds per cold GiB alone, A/B between source trees, over HTTP or HTTPS.
+
 ``--profile`` records mirrorcache with py-spy (``pip install py-spy``) during each of its
 measurements into ``<workdir>/profiles`` as speedscope JSON (use with ``--keep``).
 ``--no-uvloop`` hides uvloop from mirrorcache (``bench/mcshim.py``) and ``--mirror-env``
@@ -90,6 +96,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -544,11 +551,16 @@ class Mirror:
 class Nginx:
     """nginx as our own process: ``server`` is the body of its one server block."""
 
-    def __init__(self, workdir: Path, name: str, workers: int, server: str) -> None:
+    def __init__(self, workdir: Path, name: str, workers: int, server: str,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        listen = f"127.0.0.1:{self.port}"
+        if tls:
+            listen += f" ssl;\n    ssl_certificate {tls[0]};\n    ssl_certificate_key {tls[1]}"
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the blob files
         d = self.dir
         (d / "nginx.conf").write_text(f"""{user}worker_processes {workers};
@@ -567,7 +579,7 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   server {{
-    listen 127.0.0.1:{self.port};
+    listen {listen};
     {server}
   }}
 }}
@@ -587,6 +599,9 @@ http {{
                 raise RuntimeError("nginx exited: "
                                    + (d / "error.log").read_text(errors="replace")[-2000:])
             try:
+                if self.tls:  # the CA is the clients' business: a listening port will do
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
                 with _OPENER.open(f"{self.url}/", timeout=1):
                     break
             except urllib.error.HTTPError:
@@ -623,6 +638,31 @@ def throttle_server(upstream_url: str, mibps: int) -> str:
       send_timeout 600s;
       limit_rate {mibps * MiB};
     }}"""
+
+
+def tls_upstream(workdir: Path, upstream_url: str) -> tuple[Nginx, Path]:
+    """nginx terminating TLS in front of ``upstream_url`` with a certificate from a private CA
+    (trustme); returns it (not started) and the CA file, for ``SSL_CERT_FILE``."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    d = workdir / "pki"
+    d.mkdir()
+    cert, key, ca_file = d / "server.pem", d / "server.key", d / "ca.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(ca_file))
+    body = f"""location / {{
+      proxy_pass {upstream_url};
+      proxy_http_version 1.1;
+      proxy_set_header Host $http_host;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+      send_timeout 600s;
+    }}"""
+    return Nginx(workdir, "tls", 1, body, tls=(cert, key)), ca_file
 
 
 def peer_blob_path(peer: RegistryProcess, digest: str) -> Path:
@@ -692,6 +732,7 @@ class Settings:
     mirror_env: dict[str, str]
     quiet_wait: float
     upstream_mibps: int
+    https_upstream: bool = False
 
 
 @dataclass
@@ -710,6 +751,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.throttle: Nginx | None = None
+        self.tls_front: Nginx | None = None
         self.quiet_budget = self.s.quiet_wait
         self.sampler = RssSampler()
         self.ulog: UpstreamLog | None = None
@@ -747,10 +789,16 @@ class Bench:
         return self.upstream
 
     @property
-    def up_url(self) -> str:
-        """Where the proxies and the direct pulls reach the upstream (through the throttle
-        with --upstream-mibps)."""
+    def direct_url(self) -> str:
+        """Where the direct pulls reach the upstream (through the throttle with
+        --upstream-mibps; plain HTTP: fetch.py speaks no TLS)."""
         return self.throttle.url if self.throttle is not None else self._up.url
+
+    @property
+    def up_url(self) -> str:
+        """Where the proxies reach the upstream: the direct URL, or with --https-upstream
+        nginx terminating TLS in front of it."""
+        return self.tls_front.url if self.tls_front is not None else self.direct_url
 
     @property
     def _m(self) -> Mirror:
@@ -773,6 +821,8 @@ class Bench:
             self.nginx.stop()
         if self.throttle is not None:
             self.throttle.stop()
+        if self.tls_front is not None:
+            self.tls_front.stop()
         if self.upstream is not None:
             self.upstream.close()
 
@@ -784,6 +834,7 @@ class Bench:
             "upstream": cpu_seconds(registry_pids(self.upstream)),
             "nginx": cpu_seconds(self.nginx.tree()) if self.nginx else 0.0,
             "throttle": cpu_seconds(self.throttle.tree()) if self.throttle else 0.0,
+            "tls front": cpu_seconds(self.tls_front.tree()) if self.tls_front else 0.0,
         }
 
     def _wait_quiet(self) -> float:
@@ -938,6 +989,11 @@ class Bench:
         if s.upstream_mibps:
             self.throttle = Nginx(s.workdir, "throttle", 1,
                                   throttle_server(self.upstream.url, s.upstream_mibps)).start()
+        if s.https_upstream:
+            self.tls_front, ca_file = tls_upstream(s.workdir, self.direct_url)
+            self.tls_front.start()
+            # Trusted by mirrorcache (Python's default verify paths) and the peer (Go) alike.
+            os.environ["SSL_CERT_FILE"] = str(ca_file)
         self.sampler.start()
         self.restart_both()
 
@@ -956,7 +1012,7 @@ class Bench:
     def phase_cold_big(self) -> None:
         img, blob = self.big
         log(f"1. cold pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
-        up_url = self.blob_url(self.up_url, img, blob)
+        up_url = self.blob_url(self.direct_url, img, blob)
         self.pull_one(up_url, blob, "upstream warm-up")
         up: list[tuple[float, Meas]] = []
         mc: list[tuple[float, Meas]] = []
@@ -1395,7 +1451,9 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         f"| event loop | {loop} |",
         "| upstream link | " + (f"nginx reverse proxy, limit_rate {s.upstream_mibps} MiB/s per"
                                 " connection (--upstream-mibps)" if s.upstream_mibps
-                                else "loopback, unthrottled") + " |",
+                                else "loopback, unthrottled")
+        + ("; HTTPS: nginx with TLS (trustme CA) in front, for mirrorcache and the peer"
+           " (direct pulls stay plain HTTP)" if s.https_upstream else "") + " |",
         *([f"| mirrorcache extra environment | {env} |"] if env else []),
         f"| load average at start / end | {b.details.get('loadavg', '?')} |",
         f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
@@ -1467,6 +1525,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--upstream-mibps", type=int, default=0, metavar="N",
                    help="put the upstream behind an nginx reverse proxy sending at most N MiB/s"
                    " per connection (a WAN upstream; default: straight loopback)")
+    p.add_argument("--https-upstream", action="store_true",
+                   help="mirrorcache and the peer reach the upstream over HTTPS (nginx with "
+                        "TLS and a trustme CA in front of it)")
     p.add_argument("--mirror-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for mirrorcache (A/B runs, e.g. MALLOC_ARENA_MAX=2)")
     a = p.parse_args(argv)
@@ -1488,6 +1549,7 @@ def parse_args(argv: list[str]) -> Settings:
         no_uvloop=a.no_uvloop,
         mirror_env=dict(kv.split("=", 1) for kv in a.mirror_env),
         upstream_mibps=a.upstream_mibps,
+        https_upstream=a.https_upstream,
         quiet_wait=a.quiet_wait if a.quiet_wait is not None else (30.0 if q else 120.0),
     )
 

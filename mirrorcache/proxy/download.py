@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
 import structlog
 
@@ -32,7 +34,7 @@ from mirrorcache.storage.base import (
 )
 from mirrorcache.storage.metadata import MetadataStore
 from mirrorcache.upstream.client import UpstreamUnavailable
-from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
+from mirrorcache.upstream.registry import BlobBody, RawBody, UpstreamBodyBroken
 
 if TYPE_CHECKING:
     from mirrorcache.proxy.owners import BlobOpener
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mirrorcache.blobs")
 
 UPSTREAM_CHUNK = 1 << 20
+#: The fast path's receive buffer: filled from the upstream socket, then hashed and written
+#: to the spool in one go; readers hear of each filled buffer (their sendfile stretch).
+DIRECT_BUFFER = 1 << 20
 #: After a storage failure, serve straight from upstream for this long before trying again.
 BYPASS_SECONDS = 30.0
 #: Range requests to resume one broken upstream body before giving up.
@@ -66,6 +71,8 @@ class Download:
         #: Where the body comes from when not straight from upstream (a cluster owner).
         self.source: BlobOpener | None = None
         self.written = 0
+        #: How the body was received: "direct" (a thread off the upstream socket) or "loop".
+        self.receive = "loop"
         self.done = False
         #: The digest checked out (the store is still publishing): every byte may be sent.
         self.verified = False
@@ -196,7 +203,7 @@ class Downloading:
             dl.done = True
             self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
             log.info("blob.committed", upstream=target.upstream, repository=target.repository,
-                     digest=str(digest), bytes=dl.written,
+                     digest=str(digest), bytes=dl.written, receive=dl.receive,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
         except OCIError as exc:
             with contextlib.suppress(StorageError):
@@ -211,8 +218,20 @@ class Downloading:
         log.error("storage.write_failed", error=str(exc), bypass_seconds=BYPASS_SECONDS)
 
 
+@runtime_checkable
+class DirectWriter(Protocol):
+    """A store writer that can take bytes from a thread, blocking (FsBlobWriter)."""
+
+    def write_direct(self, data: memoryview) -> None: ...
+
+
 async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
     """Copy an upstream body into the writer; None when it ended, else why it broke."""
+    if isinstance(w, DirectWriter):
+        raw = body.raw()
+        if raw is not None:
+            dl.receive = "direct"
+            return await _pump_direct(raw, w, dl)
     broke: str | None = None
     try:
         async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
@@ -228,6 +247,68 @@ async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
     dl.notify()
     if broke is None and dl.size is not None and w.size < dl.size:
         broke = "short body"
+    return broke
+
+
+async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
+    """The fast path of :func:`_pump`: one thread receives the body straight from the
+    upstream socket into a buffer, hashes and writes it (hashlib and the syscalls release
+    the GIL); the event loop only hears "the spool grew" once per buffer."""
+    await w.flush()
+    assert isinstance(w, DirectWriter)
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[str | None] = loop.create_future()
+    pending = threading.Event()  # a progress call is queued on the loop
+
+    def progress() -> None:
+        pending.clear()
+        if w.size != dl.written:
+            dl.written = w.size
+            dl.notify()
+
+    def finish(result: str | BaseException | None) -> None:
+        if finished.done():
+            return
+        if isinstance(result, BaseException):
+            finished.set_exception(result)
+        else:
+            finished.set_result(result)
+
+    def run() -> None:
+        # Page-aligned (an anonymous map rather than a bytearray at malloc's offset), like
+        # the page-cache folios the kernel copies it into.
+        area = mmap.mmap(-1, DIRECT_BUFFER)
+        buf = memoryview(area)
+        result: str | BaseException | None = None
+        try:
+            while raw.remaining:
+                n = raw.recv_into(buf)
+                w.write_direct(buf[:n])
+                if not pending.is_set():
+                    pending.set()
+                    loop.call_soon_threadsafe(progress)
+        except UpstreamBodyBroken as exc:
+            result = exc.reason
+        except BaseException as exc:  # StorageError, or a bug: the loop side raises it
+            result = exc
+        finally:
+            buf.release()
+            with contextlib.suppress(BufferError):
+                area.close()
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits
+            loop.call_soon_threadsafe(finish, result)
+
+    thread = threading.Thread(target=run, name=f"mirrorcache-fetch-{dl.digest.hex[:12]}",
+                              daemon=True)
+    thread.start()
+    try:
+        broke = await finished
+    finally:
+        if thread.is_alive():  # cancelled: stop the thread before the writer is closed
+            raw.abort()
+            thread.join()
+    dl.written = w.size
+    dl.notify()
     return broke
 
 

@@ -72,7 +72,7 @@ class FsBlobWriter:
     def local_path(self) -> Path | None:
         return self._path
 
-    def _write_sync(self, chunks: list[bytes]) -> None:
+    def _write_sync(self, chunks: list[bytes] | list[memoryview]) -> None:
         for chunk in chunks:
             self._hash.update(chunk)
         total = sum(len(c) for c in chunks)
@@ -82,6 +82,14 @@ class FsBlobWriter:
             while rest:
                 rest = rest[os.write(self._fd, rest):]
         self._written += total  # only this thread (or, when idle, the loop) writes
+
+    def write_direct(self, data: memoryview) -> None:
+        """Hash and write ``data`` now, blocking, from the one thread that feeds this writer
+        while nothing else does (call :meth:`flush` first): the fast path of a download that
+        receives its body in a thread. ``size`` grows as each call returns."""
+        if self._closed:
+            raise StorageError("write after close")
+        self._guarded(self._write_sync, [data])
 
     async def write(self, chunk: bytes) -> None:
         if self._closed:
@@ -109,7 +117,8 @@ class FsBlobWriter:
         except OSError as exc:
             raise StorageError(f"writing {self.digest}: {exc.strerror}") from exc
 
-    def _guarded(self, fn: Callable[[list[bytes]], None], chunks: list[bytes]) -> None:
+    def _guarded(self, fn: Callable[[Any], None], chunks: list[bytes] | list[memoryview]
+                 ) -> None:
         try:
             fn(chunks)
         except OSError as exc:

@@ -14,10 +14,14 @@ slot) is released when that block exits, on every path.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import aiohttp
 
@@ -77,7 +81,8 @@ class BlobBody:
     """
 
     def __init__(self, upstream: str, digest: Digest, resp: aiohttp.ClientResponse, *,
-                 size: int | None, start: int, length: int | None, partial: bool) -> None:
+                 size: int | None, start: int, length: int | None, partial: bool,
+                 read_timeout: float | None = None) -> None:
         self.upstream = upstream
         self.digest = digest
         self.size = size
@@ -85,6 +90,9 @@ class BlobBody:
         self.length = length
         self.partial = partial
         self._resp = resp
+        self._read_timeout = read_timeout
+        self._raw: RawBody | None = None
+        self._taken: asyncio.BaseTransport | None = None
 
     @property
     def content_range(self) -> str | None:
@@ -101,6 +109,172 @@ class BlobBody:
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
+
+    def raw(self) -> RawBody | None:
+        """The rest of the body as a blocking reader for a thread (:class:`RawBody`), taken
+        off aiohttp's connection: the event loop then never touches the body's bytes (nor,
+        over TLS, decrypts them: the thread takes over asyncio's TLS session). Only for an
+        identity, ``Content-Length`` body on a loop transport that gives its socket; None
+        otherwise (chunked, encoded, unknown length, uvloop's TLS), and the caller reads
+        :meth:`chunks` as before. The connection is closed, not reused, when the body's
+        block exits."""
+        if self._raw is not None:
+            return self._raw
+        resp = self._resp
+        if self.length is None or resp.connection is None:
+            return None
+        if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
+            return None
+        if resp.headers.get("Content-Encoding", "identity").strip().lower() not in (
+                "", "identity"):
+            return None
+        transport = resp.connection.transport
+        if transport is None or transport.is_closing():
+            return None
+        tls = _TlsTakeover.of(transport)
+        if tls is None and (transport.get_extra_info("sslcontext") is not None
+                            or transport.get_extra_info("ssl_object") is not None):
+            return None  # TLS of an SSL protocol we cannot take over (uvloop's)
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            return None
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        try:
+            # What aiohttp has parsed already comes first; then no more reads by the loop.
+            head = resp.content.read_nowait(-1)
+        except (RuntimeError, aiohttp.ClientError, TimeoutError):
+            dup.close()
+            return None
+        transport.pause_reading()
+        if tls is not None:
+            tls.pause()
+        dup.settimeout(self._read_timeout)  # non-blocking underneath, like the loop's socket
+        self._raw = RawBody(self.upstream, dup, head, self.length, tls)
+        self._taken = transport
+        return self._raw
+
+    def close(self) -> None:
+        """Release the raw reader, if one was taken; the connection then cannot be reused."""
+        if self._raw is not None:
+            self._raw.close()
+            if self._taken is not None:
+                self._taken.abort()  # type: ignore[attr-defined]  # no TLS goodbye: never read
+            self._resp.close()
+
+
+class RawBody:
+    """A blob body read straight from the upstream socket, blocking, in one thread: at most
+    ``length`` bytes (bytes aiohttp had already buffered come first). Each read waits at
+    most ``read_timeout``; a cut or a silent upstream is ``UpstreamBodyBroken``, and
+    :meth:`abort` (from any thread) wakes a blocked read."""
+
+    def __init__(self, upstream: str, sock: socket.socket, head: bytes, length: int,
+                 tls: _TlsTakeover | None = None) -> None:
+        self.upstream = upstream
+        self._sock = sock
+        self._head = memoryview(head)
+        self.remaining = length
+        self._aborted = False
+        self._tls = tls
+        self._cipher = memoryview(bytearray(1 << 18)) if tls is not None else None
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Fill ``buf`` as far as the body goes; 0 at its end (``remaining`` 0). A body that
+        stops short is ``UpstreamBodyBroken`` (after the bytes before are returned)."""
+        want = min(len(buf), self.remaining)
+        got = 0
+        if self._head:
+            got = min(len(self._head), want)
+            buf[:got] = self._head[:got]
+            self._head = self._head[got:]
+        while got < want:
+            if self._aborted:
+                raise UpstreamBodyBroken(self.upstream, "aborted")
+            try:
+                n = (self._sock.recv_into(buf[got:want]) if self._tls is None
+                     else self._recv_tls(buf[got:want]))
+            except TimeoutError:
+                if got:
+                    break  # hand over what came; the next read times out again
+                raise UpstreamBodyBroken(self.upstream, "SocketTimeoutError") from None
+            except OSError as exc:
+                if got:
+                    break
+                raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
+            if n == 0:
+                if got:
+                    break
+                raise UpstreamBodyBroken(self.upstream, "ClientPayloadError")
+            got += n
+        self.remaining -= got
+        return got
+
+    def _recv_tls(self, buf: memoryview) -> int:
+        """Plaintext into ``buf``: what the TLS session holds, else ciphertext from the socket
+        fed to it. 0 at the end of the stream."""
+        tls = self._tls
+        assert tls is not None and self._cipher is not None
+        while True:
+            try:
+                return cast(int, tls.sslobj.read(len(buf), buf))  # into buf: a count
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # close_notify
+                return 0
+            except ssl.SSLError as exc:
+                raise OSError(str(exc)) from None
+            k = self._sock.recv_into(self._cipher)
+            if k == 0:
+                return 0
+            tls.incoming.write(self._cipher[:k])
+
+    def abort(self) -> None:
+        """Wake a read blocked in another thread and end this body."""
+        self._aborted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _TlsTakeover:
+    """The TLS session of an asyncio ``SSLProtocol`` (CPython's), taken over by the thread
+    that reads a blob body: its ``SSLObject`` and the ``MemoryBIO`` it decrypts from. Once the
+    app side and the socket side are both paused, the event loop never touches either again
+    (the connection is closed, not reused, after the body), so the thread may feed the BIO
+    with ciphertext from the socket and read plaintext. These are private attributes of
+    ``asyncio.sslproto``: anything unexpected, and the body stays on the event loop."""
+
+    def __init__(self, proto: object, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 inner: asyncio.Transport) -> None:
+        self._proto = proto
+        self.sslobj = sslobj
+        self.incoming = incoming
+        self._inner = inner
+
+    @classmethod
+    def of(cls, transport: asyncio.BaseTransport) -> _TlsTakeover | None:
+        proto = getattr(transport, "_ssl_protocol", None)
+        sslobj = getattr(proto, "_sslobj", None)
+        incoming = getattr(proto, "_incoming", None)
+        inner = getattr(proto, "_transport", None)
+        if (not isinstance(sslobj, ssl.SSLObject) or not isinstance(incoming, ssl.MemoryBIO)
+                or not isinstance(inner, asyncio.Transport)
+                or not hasattr(proto, "_ssl_reading_paused")):
+            return None
+        return cls(proto, sslobj, incoming, inner)
+
+    def pause(self) -> None:
+        """Stop the loop reading the socket, and keep the protocol's own flow control from
+        resuming it (it resumes only what it paused itself)."""
+        self._inner.pause_reading()
+        self._proto._ssl_reading_paused = False  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +361,15 @@ class RegistryClient:
                                   {"Range": rng} if rng else None) as resp:
             if resp.status not in (200, 206):
                 raise await relay_error(resp, ErrorCode.BLOB_UNKNOWN)
+            read_timeout = self.http.cfg.read_timeout
             if resp.status == 200:
-                yield BlobBody(self.name, digest, resp, size=resp.content_length, start=0,
-                               length=resp.content_length, partial=False)
+                body = BlobBody(self.name, digest, resp, size=resp.content_length, start=0,
+                                length=resp.content_length, partial=False,
+                                read_timeout=read_timeout)
+                try:
+                    yield body
+                finally:
+                    body.close()
                 return
             value = resp.headers.get("Content-Range", "")
             m = _CONTENT_RANGE.fullmatch(value.strip())
@@ -199,8 +379,12 @@ class RegistryClient:
             if first != offset or last < first:
                 raise UpstreamRangeRefused(self.name, f"asked for {rng}, got {value[:80]!r}")
             size = None if m.group(3) == "*" else int(m.group(3))
-            yield BlobBody(self.name, digest, resp, size=size, start=first,
-                           length=last - first + 1, partial=True)
+            body = BlobBody(self.name, digest, resp, size=size, start=first,
+                            length=last - first + 1, partial=True, read_timeout=read_timeout)
+            try:
+                yield body
+            finally:
+                body.close()
 
     # -- manifests
     async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestInfo:

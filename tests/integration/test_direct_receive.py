@@ -1,0 +1,226 @@
+"""The cold path's fast receive: a thread reads the upstream body straight off the socket
+(``Content-Length``, identity; over TLS it takes over asyncio's session), and every other
+body (chunked) keeps the event loop's path. Either way: the exact bytes, the digest checked,
+one upstream GET, a broken or silent body resumed with Range, the connection slot given
+back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from mirrorcache.api.services import SERVICES
+from mirrorcache.oci.reference import Digest
+from mirrorcache.storage.fs import FilesystemBlobStore
+from tests.support.countingproxy import CountingProxy, Fault
+from tests.support.images import make_image, push_image
+from tests.support.mirror import Mirror, mirror_config
+from tests.support.registry import RegistryProcess
+from tests.support.secure import TestCA
+
+pytestmark = pytest.mark.integration
+
+REPO = "library/direct"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class BlobServer:
+    """A registry that only serves blobs, in a chosen way: ``chunked`` (no Content-Length),
+    or with ``stall_at`` bytes sent, the first GET goes silent until the client gives up.
+    Range requests are answered 206 with a Content-Range."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    chunked: bool = False
+    stall_at: int | None = None
+    gets: list[dict[str, str]] = field(default_factory=list)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        data = self.blobs.get(request.match_info["digest"])
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]},
+                                     status=404)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(data))})
+        self.gets.append(dict(request.headers))
+        start, status, headers = 0, 200, {}
+        if request.http_range.start is not None:
+            start = request.http_range.start
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        resp = web.StreamResponse(status=status, headers=headers)
+        if self.chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(body)
+        await resp.prepare(request)
+        stall = self.stall_at if len(self.gets) == 1 else None
+        for pos in range(0, len(body), 256 * 1024):
+            piece = body[pos:pos + 256 * 1024]
+            if stall is not None and pos + len(piece) > stall:
+                await resp.write(piece[:stall - pos])
+                await asyncio.sleep(30)  # silent: the client's read_timeout ends this
+                return resp
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+    async def v2(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({})
+
+
+async def start(server: BlobServer, ssl_ctx: ssl.SSLContext | None = None) -> TestServer:
+    app = web.Application()
+    app.router.add_get("/v2/", server.v2)
+    app.router.add_route("*", "/v2/{repo:.+}/blobs/{digest}", server.blob)
+    ts = TestServer(app, host="127.0.0.1")
+    await ts.start_server(ssl=ssl_ctx)
+    return ts
+
+
+async def pull(mirror: Mirror, digest: str, repo: str = REPO) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{mirror.url}/v2/{repo}/blobs/{digest}") as resp:
+        return resp.status, await resp.read()
+
+
+def committed(logs: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(e["receive"], e["bytes"]) for e in logs if e["event"] == "blob.committed"]
+
+
+async def assert_cached(tmp_path: Path, digest: str, size: int) -> None:
+    info = await FilesystemBlobStore(tmp_path / "cache").stat(Digest.parse(digest))
+    assert info is not None and info.size == size
+    assert list((tmp_path / "cache" / "tmp").glob("*.part")) == []
+
+
+def slots_in_use(mirror: Mirror) -> int:
+    return int(mirror.app[SERVICES].blobs._upstreams["docker.io"].http.in_flight)
+
+
+async def test_plain_http_body_received_off_the_loop_with_tailers(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    img = make_image([5_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                results = await asyncio.gather(*(pull(mirror, layer.digest, unique_repo)
+                                                 for _ in range(5)))
+            assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 5
+            assert committed(logs) == [("direct", layer.size)]
+            assert proxy.count("GET", "blob") == 1
+            assert slots_in_use(mirror) == 0
+            await assert_cached(tmp_path, layer.digest, layer.size)
+
+
+async def test_direct_body_cut_midway_resumes_with_range(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    img = make_image([4_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            proxy.add_fault(Fault.drop_after(2_500_000, kind="blob", method="GET"))
+            with capture_logs() as logs:
+                status, body = await pull(mirror, layer.digest, unique_repo)
+            assert status == 200 and body == layer.data
+            gets = proxy.matching(method="GET", kind="blob")
+            assert len(gets) == 2 and "Range" not in gets[0].headers
+            offset = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
+            assert 0 < offset <= 2_500_000
+            assert committed(logs) == [("direct", layer.size)]
+            resumes = [e for e in logs if e["event"] == "blob.resume"]
+            assert [(e["offset"], e["attempt"]) for e in resumes] == [(offset, 1)]
+            assert slots_in_use(mirror) == 0
+            await assert_cached(tmp_path, layer.digest, layer.size)
+
+
+async def test_direct_body_gone_silent_resumes_after_read_timeout(tmp_path: Path) -> None:
+    data = os.urandom(3_000_000)
+    server = BlobServer(blobs={sha(data): data}, stall_at=1_000_000)
+    ts = await start(server)
+    try:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": str(ts.make_url("")).rstrip("/"),
+                                                     "read_timeout": "300ms"}})
+        async with Mirror(raw) as mirror:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with capture_logs() as logs:
+                status, body = await pull(mirror, sha(data))
+            assert status == 200 and body == data
+            assert loop.time() - began < 10
+            assert len(server.gets) == 2 and "Range" not in server.gets[0]
+            assert server.gets[1]["Range"] == "bytes=1000000-"
+            resumes = [e for e in logs if e["event"] == "blob.resume"]
+            assert [(e["offset"], e["error"]) for e in resumes] == [
+                (1_000_000, "SocketTimeoutError")]
+            assert committed(logs) == [("direct", len(data))]
+            assert slots_in_use(mirror) == 0
+    finally:
+        await ts.close()
+
+
+async def test_chunked_body_keeps_the_loop_path(tmp_path: Path) -> None:
+    data = os.urandom(3_000_000)
+    server = BlobServer(blobs={sha(data): data}, chunked=True)
+    ts = await start(server)
+    try:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": str(ts.make_url("")).rstrip("/")}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                results = await asyncio.gather(pull(mirror, sha(data)), pull(mirror, sha(data)))
+            assert results == [(200, data), (200, data)]
+            assert committed(logs) == [("loop", len(data))]
+            assert len(server.gets) == 1
+            assert slots_in_use(mirror) == 0
+            await assert_cached(tmp_path, sha(data), len(data))
+    finally:
+        await ts.close()
+
+
+@pytest.mark.parametrize("stall_at", [None, 1_000_000])
+async def test_tls_upstream_received_directly(tmp_path: Path, stall_at: int | None) -> None:
+    ca = TestCA(tmp_path / "pki")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(ca.cert, ca.key)
+    data = os.urandom(3_000_000)
+    server = BlobServer(blobs={sha(data): data}, stall_at=stall_at)
+    ts = await start(server, ctx)
+    try:
+        url = f"https://127.0.0.1:{ts.port}"
+        raw = mirror_config(tmp_path, {"docker.io": {"url": url, "ca_file": str(ca.ca_file),
+                                                     "read_timeout": "300ms"}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                results = await asyncio.gather(pull(mirror, sha(data)), pull(mirror, sha(data)))
+            assert results == [(200, data), (200, data)]
+            assert committed(logs) == [("direct", len(data))]
+            resumes = [(e["offset"], e["error"]) for e in logs if e["event"] == "blob.resume"]
+            if stall_at is None:
+                assert len(server.gets) == 1 and resumes == []
+            else:
+                assert len(server.gets) == 2 and server.gets[1]["Range"] == "bytes=1000000-"
+                assert resumes == [(1_000_000, "SocketTimeoutError")]
+            assert slots_in_use(mirror) == 0
+            await assert_cached(tmp_path, sha(data), len(data))
+    finally:
+        await ts.close()
