@@ -25,6 +25,7 @@ from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import (
     BlobStore,
     FetchClaims,
+    LocalTier,
     StorageError,
     put_bytes,
     read_bytes,
@@ -133,7 +134,9 @@ class ManifestService:
         return rec
 
     async def _store_manifest(self, target: Target, digest: Digest, body: bytes,
-                              media_type: str) -> None:
+                              media_type: str, *, from_owner: bool = False) -> None:
+        """``from_owner``: the owning replica answered it and has stored it; over a shared
+        store (LocalTier) this replica keeps a local copy only."""
         # Linked (and typed) before it becomes visible: this repository's own requests never
         # need upstream to confirm it.
         await self._meta.link(target.upstream, target.repository, digest)
@@ -141,7 +144,12 @@ class ManifestService:
             await self._meta.set_media_type(target.upstream, target.repository, digest,
                                             media_type)
         try:
-            await put_bytes(self._store, digest, body)
+            if from_owner and isinstance(self._store, LocalTier):
+                async with self._store.local_writer(digest) as w:
+                    await w.write(body)
+                    await w.commit()
+            else:
+                await put_bytes(self._store, digest, body)
         except StorageError as exc:
             log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
 
@@ -372,7 +380,7 @@ class ManifestService:
                       expected=str(expect or owned.digest), actual=str(actual))
             return None
         media_type = media.declared_media_type(owned.body) or owned.media_type
-        await self._store_manifest(target, actual, owned.body, media_type)
+        await self._store_manifest(target, actual, owned.body, media_type, from_owner=True)
         return ManifestResult(actual, media_type, len(owned.body), owned.body, "miss")
 
     async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
