@@ -30,7 +30,7 @@ from mirrorcache.storage.base import (
     put_bytes,
     read_bytes,
 )
-from mirrorcache.storage.metadata import MetadataStore, TagRecord
+from mirrorcache.storage.metadata import MetadataStore, SharedMetadata, TagRecord
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
@@ -336,7 +336,7 @@ class ManifestService:
             if owned is not None:
                 if rec is not None and rec.digest == owned.digest:
                     owned = replace(owned, cache="hit")
-                await self._set_tag(target, tag, owned)
+                await self._set_tag(target, tag, owned, written_by_owner=True)
                 return owned
         client = self._upstreams[target.upstream]
         info = await client.head_manifest(target.repository, tag, media.DEFAULT_ACCEPT)
@@ -383,9 +383,15 @@ class ManifestService:
         await self._store_manifest(target, actual, owned.body, media_type, from_owner=True)
         return ManifestResult(actual, media_type, len(owned.body), owned.body, "miss")
 
-    async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
+    async def _set_tag(self, target: Target, tag: str, result: ManifestResult, *,
+                       written_by_owner: bool = False) -> None:
+        """``written_by_owner``: the owning replica's answer; with shared metadata (S3) it
+        wrote the record every replica reads, so this one only remembers it."""
         rec = TagRecord(result.digest, result.media_type, result.size, time.time())
         self._tags[(target.upstream, target.repository, tag)] = rec
+        if written_by_owner and isinstance(self._meta, SharedMetadata):
+            self._meta.remember_tag(target.upstream, target.repository, tag, rec)
+            return
         try:
             await self._meta.set_tag(target.upstream, target.repository, tag, rec)
         except Exception as exc:

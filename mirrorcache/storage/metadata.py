@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import diskcache
 import structlog
@@ -67,6 +67,16 @@ class TagRecord:
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.checked_at
+
+
+@runtime_checkable
+class SharedMetadata(Protocol):
+    """Optional capability of a metadata store every replica shares (S3): the replica that
+    revalidated a tag has written its record, so another replica taking its answer only
+    remembers it and does not write the same record again."""
+
+    def remember_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
+        """This replica's copy of a tag record another replica wrote to the shared store."""
 
 
 class MetadataStore(Protocol):

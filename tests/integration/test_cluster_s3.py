@@ -232,6 +232,11 @@ async def test_30_cold_pulls_one_upstream_get_and_one_s3_object_per_blob(
                     and "/blobs/" in s.path]) >= len(other.blobs)  # it came from S3
 
 
+def tag_record_puts(shared: SharedBucket) -> list[Any]:
+    return [s for s in shared.proxy.requests
+            if s.method == "PUT" and "/metadata/tags/" in unquote(s.path)]
+
+
 async def test_tag_revalidation_is_one_head_and_the_shared_record_is_trusted(
         tmp_path: Path, registry: RegistryProcess, upstream: CountingProxy,
         shared: SharedBucket, unique_repo: str) -> None:
@@ -254,9 +259,12 @@ async def test_tag_revalidation_is_one_head_and_the_shared_record_is_trusted(
         # Past the TTL (a subprocess has no injectable clock), asked of all 3 at once.
         await asyncio.sleep(ttl + 0.2)
         upstream.reset()
+        shared.proxy.reset()
         got = await asyncio.gather(*(tag(r) for r in cluster.replicas * 3))
         assert got == [image.manifest] * 9
         assert (upstream.count("HEAD", "manifest"), upstream.count("GET", "manifest")) == (1, 0)
+        # One shared tag record written, by the owner; the others only remember its answer.
+        assert len(tag_record_puts(shared)) == 1
         # Past the TTL again, asked of the owner alone: it revalidates and writes the shared
         # record. The others, once their metadata_ttl copy expired, read that record from S3
         # and trust it for tag_ttl: no upstream request and no peer request.
@@ -267,9 +275,7 @@ async def test_tag_revalidation_is_one_head_and_the_shared_record_is_trusted(
         shared.proxy.reset()
         assert await tag(owner) == image.manifest
         assert upstream.count("HEAD", "manifest") == 1
-        record_puts = [s for s in shared.proxy.requests if s.method == "PUT"
-                       and "/metadata/tags/" in unquote(s.path)]
-        assert len(record_puts) == 1
+        assert len(tag_record_puts(shared)) == 1
         await asyncio.sleep(meta_ttl + 0.1)
         asked = await peer_requests(cluster, kind="manifest")
         upstream.reset()
