@@ -32,7 +32,7 @@ from mirrorcache.storage.base import (
     StorageError,
     VerifiesEarly,
 )
-from mirrorcache.storage.metadata import MetadataStore
+from mirrorcache.storage.metadata import MetadataStore, SharedMetadata
 from mirrorcache.upstream.client import UpstreamUnavailable
 from mirrorcache.upstream.registry import BlobBody, UpstreamBodyBroken
 
@@ -177,7 +177,12 @@ class Downloading:
                                               f"{dl.size} bytes")
                 # Linked before the blob becomes visible, so this repository's own requests
                 # never need upstream to confirm it (upstream just served it for this one).
-                await self._meta.link(target.upstream, target.repository, digest)
+                if (local_only and isinstance(client, OwnerStream) and not client.owner_failed
+                        and isinstance(self._meta, SharedMetadata)):
+                    # The owner linked it in the shared metadata before it verified.
+                    self._meta.remember_link(target.upstream, target.repository, digest)
+                else:
+                    await self._meta.link(target.upstream, target.repository, digest)
                 try:
                     if isinstance(w, VerifiesEarly):  # serve while the store publishes
                         await w.verify()

@@ -139,7 +139,10 @@ class ManifestService:
         store (LocalTier) this replica keeps a local copy only."""
         # Linked (and typed) before it becomes visible: this repository's own requests never
         # need upstream to confirm it.
-        await self._meta.link(target.upstream, target.repository, digest)
+        if from_owner and isinstance(self._meta, SharedMetadata):
+            self._meta.remember_link(target.upstream, target.repository, digest)
+        else:
+            await self._meta.link(target.upstream, target.repository, digest)
         if media.declared_media_type(body) is None:
             await self._meta.set_media_type(target.upstream, target.repository, digest,
                                             media_type)

@@ -71,12 +71,15 @@ class TagRecord:
 
 @runtime_checkable
 class SharedMetadata(Protocol):
-    """Optional capability of a metadata store every replica shares (S3): the replica that
-    revalidated a tag has written its record, so another replica taking its answer only
-    remembers it and does not write the same record again."""
+    """Optional capability of a metadata store every replica shares (S3): the owning replica
+    that revalidated a tag or fetched a digest has written its tag record or repository link,
+    so another replica taking its answer only remembers it and does not write it again."""
 
     def remember_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
         """This replica's copy of a tag record another replica wrote to the shared store."""
+
+    def remember_link(self, upstream: str, repo: str, digest: Digest) -> None:
+        """This replica's copy of a repository link another replica wrote."""
 
 
 class MetadataStore(Protocol):

@@ -242,6 +242,11 @@ class S3Metadata:
         return self._linked(await self._read(self._link_key(upstream, repo, digest),
                                              immutable=True))
 
+    def remember_link(self, upstream: str, repo: str, digest: Digest) -> None:
+        """A link the owning replica wrote to S3 itself: kept in this replica's LRU only."""
+        self._lru[self._link_key(upstream, repo, digest)] = ({"linked_at": self._wall()},
+                                                             self._clock())
+
     async def link(self, upstream: str, repo: str, digest: Digest) -> None:
         await self._write(self._link_key(upstream, repo, digest), {"linked_at": self._wall()})
 

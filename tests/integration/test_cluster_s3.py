@@ -199,6 +199,13 @@ async def test_30_cold_pulls_one_upstream_get_and_one_s3_object_per_blob(
         assert_every_object_hashes_to_its_key(objs)
         assert shared.creations() == Counter({s3_key(d): 1 for d in want})
         assert shared.uploads_started() == 1  # the 6 MiB layer's multipart upload, once
+        meta_puts = Counter(unquote(s.path).removeprefix(f"/{shared.bucket}/metadata/")
+                            .split("/", 1)[0] for s in shared.proxy.requests
+                            if s.method == "PUT" and "/metadata/" in s.path)
+        print(f"\n30 cold pulls: S3 objects per blob {set(shared.creations().values())}, "
+              f"metadata PUTs by kind {dict(meta_puts)}")
+        # One repository link per digest and one tag record, written by the owners only.
+        assert (meta_puts["links"], meta_puts["tags"]) == (len(want), 1)
         # The non-owners teed the owners' streams into their local tiers.
         assert sum(await peer_requests(cluster, result="ok")) >= 2 * len(want) - 2
         assert sum([await cluster.metric(r, "mirrorcache_peer_fallbacks_total")
@@ -228,6 +235,8 @@ async def test_30_cold_pulls_one_upstream_get_and_one_s3_object_per_blob(
         assert await peer_requests(cluster) == asked
         assert await peer_served(cluster) == served
         assert shared.creations() == Counter()  # nothing written again
+        assert [s.path for s in shared.proxy.requests if s.method in ("PUT", "POST")
+                and "/metadata/atime/" not in unquote(s.path)] == []
         assert len([s for s in shared.proxy.requests if s.method == "GET"
                     and "/blobs/" in s.path]) >= len(other.blobs)  # it came from S3
 
