@@ -103,7 +103,11 @@ class TieredLocalWriter:
 
     async def commit(self) -> BlobInfo:
         info = await self._inner.commit()
-        self._store._note(info.digest, info.size)
+        if info.size > self._store.max_size:  # can never fit: S3 (the owner's) only
+            with contextlib.suppress(FileNotFoundError):
+                self._store.local.path_of(info.digest).unlink()
+        else:
+            self._store._note(info.digest, info.size)
         return info
 
     async def cancel(self) -> None:

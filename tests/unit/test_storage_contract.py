@@ -405,6 +405,13 @@ async def test_tier_local_writer_and_publishing_the_local_copy(
                 await w.write(data)
                 await w.commit()
         assert tiered.local_path(bad) is None and await tiered.remote.stat(bad) is None
+        # a blob larger than the whole tier is not kept (and evicts nothing)
+        big = os.urandom(16 * MiB + 1)
+        async with tiered.local_writer(digest_of(big)) as w:
+            await w.write(big)
+            await w.commit()
+        assert tiered.local_path(digest_of(big)) is None
+        assert tiered.local_path(d) is not None and tiered.used == len(data)
         assert os.listdir(tmp_path / "tier" / "tmp") == []
 
 
