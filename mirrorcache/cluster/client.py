@@ -170,6 +170,8 @@ class OwnerFirst:
         self._target = target
         self._upstream = upstream
         self._tried = False
+        #: The owner did not deliver the whole blob (OwnerStream): upstream did.
+        self.owner_failed = False
 
     @asynccontextmanager
     async def open_blob(self, repo: str, digest: Digest, offset: int = 0,
@@ -196,6 +198,8 @@ class OwnerFirst:
                 self._client._fallback("blob", self._member, self._target, str(digest),
                                        PeerUnavailable("broken", f"resumed upstream at {offset}"))
             if body is None:
+                # Whatever this replica fetches upstream, the owner will not publish for it.
+                self.owner_failed = True
                 body = await stack.enter_async_context(
                     self._upstream.open_blob(repo, digest, offset, end))
             yield body

@@ -22,6 +22,7 @@ import structlog
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.metrics import Metrics
 from mirrorcache.oci.reference import Digest
+from mirrorcache.proxy.owners import OwnerStream
 from mirrorcache.proxy.routing import Target
 from mirrorcache.proxy.upstreams import Upstreams
 from mirrorcache.storage.base import (
@@ -29,10 +30,11 @@ from mirrorcache.storage.base import (
     BlobWriter,
     DigestMismatch,
     FetchClaim,
+    LocalTier,
     StorageError,
     VerifiesEarly,
 )
-from mirrorcache.storage.metadata import MetadataStore
+from mirrorcache.storage.metadata import MetadataStore, SharedMetadata
 from mirrorcache.upstream.client import UpstreamUnavailable
 from mirrorcache.upstream.registry import BlobBody, RawBody, UpstreamBodyBroken
 
@@ -141,9 +143,14 @@ class Downloading:
         target, digest = dl.target, dl.digest
         client: BlobOpener = dl.source or self._upstreams[target.upstream]
         started = time.monotonic()
+        # Teeing the owner's stream over a shared store: keep the copy in this replica's
+        # local tier only; the owner publishes the blob in the shared store.
+        local_only = isinstance(client, OwnerStream) and isinstance(self._store, LocalTier)
         try:
             try:
-                writer_cm = self._store.writer(digest)
+                writer_cm = (self._store.local_writer(digest)
+                             if local_only and isinstance(self._store, LocalTier)
+                             else self._store.writer(digest))
                 w = await writer_cm.__aenter__()
             except StorageError as exc:
                 self._storage_failed(exc)
@@ -177,7 +184,12 @@ class Downloading:
                                               f"{dl.size} bytes")
                 # Linked before the blob becomes visible, so this repository's own requests
                 # never need upstream to confirm it (upstream just served it for this one).
-                await self._meta.link(target.upstream, target.repository, digest)
+                if (local_only and isinstance(client, OwnerStream) and not client.owner_failed
+                        and isinstance(self._meta, SharedMetadata)):
+                    # The owner linked it in the shared metadata before it verified.
+                    self._meta.remember_link(target.upstream, target.repository, digest)
+                else:
+                    await self._meta.link(target.upstream, target.repository, digest)
                 try:
                     if isinstance(w, VerifiesEarly):  # serve while the store publishes
                         await w.verify()
@@ -200,17 +212,36 @@ class Downloading:
                 except StorageError as exc:  # cleaning up after a failure failed too
                     log.warning("storage.cleanup_failed", digest=str(digest), error=str(exc))
             dl.size = dl.written
+            if dl.final_path is None:  # a local tier: the copy is there now
+                dl.final_path = self._store.local_path(digest)
             dl.done = True
+            dl.notify()
             self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
             log.info("blob.committed", upstream=target.upstream, repository=target.repository,
                      digest=str(digest), bytes=dl.written, receive=dl.receive,
+                     local_only=local_only,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
+            if local_only and isinstance(client, OwnerStream) and client.owner_failed:
+                await self._publish_local(digest)
         except OCIError as exc:
             with contextlib.suppress(StorageError):
                 claim.fail({"code": exc.code, "message": exc.message, "status": exc.status})
             raise
         finally:
             claim.release(done=dl.done)
+
+    async def _publish_local(self, digest: Digest) -> None:
+        """The owner failed to deliver a blob this replica teed into its local tier only
+        (it died, or was unreachable): upload the verified local copy to the shared store
+        unless the owner (or another replica) got it there, so the blob does not stay
+        outside the shared store for as long as local tiers keep it."""
+        assert isinstance(self._store, LocalTier)
+        try:
+            uploaded = await self._store.publish_local(digest)
+        except StorageError as exc:  # the next miss on any replica fetches it again
+            log.warning("cluster.publish_failed", digest=str(digest), error=str(exc))
+            return
+        log.info("cluster.published_after_owner_failed", digest=str(digest), uploaded=uploaded)
 
     def _storage_failed(self, exc: Exception) -> None:
         self._bypass_until = self._clock() + BYPASS_SECONDS

@@ -25,11 +25,12 @@ from mirrorcache.proxy.visibility import RepositoryGate
 from mirrorcache.storage.base import (
     BlobStore,
     FetchClaims,
+    LocalTier,
     StorageError,
     put_bytes,
     read_bytes,
 )
-from mirrorcache.storage.metadata import MetadataStore, TagRecord
+from mirrorcache.storage.metadata import MetadataStore, SharedMetadata, TagRecord
 from mirrorcache.upstream.client import UpstreamUnavailable
 
 log = structlog.get_logger("mirrorcache.manifests")
@@ -133,15 +134,25 @@ class ManifestService:
         return rec
 
     async def _store_manifest(self, target: Target, digest: Digest, body: bytes,
-                              media_type: str) -> None:
+                              media_type: str, *, from_owner: bool = False) -> None:
+        """``from_owner``: the owning replica answered it and has stored it; over a shared
+        store (LocalTier) this replica keeps a local copy only."""
         # Linked (and typed) before it becomes visible: this repository's own requests never
         # need upstream to confirm it.
-        await self._meta.link(target.upstream, target.repository, digest)
+        if from_owner and isinstance(self._meta, SharedMetadata):
+            self._meta.remember_link(target.upstream, target.repository, digest)
+        else:
+            await self._meta.link(target.upstream, target.repository, digest)
         if media.declared_media_type(body) is None:
             await self._meta.set_media_type(target.upstream, target.repository, digest,
                                             media_type)
         try:
-            await put_bytes(self._store, digest, body)
+            if from_owner and isinstance(self._store, LocalTier):
+                async with self._store.local_writer(digest) as w:
+                    await w.write(body)
+                    await w.commit()
+            else:
+                await put_bytes(self._store, digest, body)
         except StorageError as exc:
             log.warning("manifest.cache_write_failed", digest=str(digest), error=str(exc))
 
@@ -328,7 +339,7 @@ class ManifestService:
             if owned is not None:
                 if rec is not None and rec.digest == owned.digest:
                     owned = replace(owned, cache="hit")
-                await self._set_tag(target, tag, owned)
+                await self._set_tag(target, tag, owned, written_by_owner=True)
                 return owned
         client = self._upstreams[target.upstream]
         info = await client.head_manifest(target.repository, tag, media.DEFAULT_ACCEPT)
@@ -372,12 +383,18 @@ class ManifestService:
                       expected=str(expect or owned.digest), actual=str(actual))
             return None
         media_type = media.declared_media_type(owned.body) or owned.media_type
-        await self._store_manifest(target, actual, owned.body, media_type)
+        await self._store_manifest(target, actual, owned.body, media_type, from_owner=True)
         return ManifestResult(actual, media_type, len(owned.body), owned.body, "miss")
 
-    async def _set_tag(self, target: Target, tag: str, result: ManifestResult) -> None:
+    async def _set_tag(self, target: Target, tag: str, result: ManifestResult, *,
+                       written_by_owner: bool = False) -> None:
+        """``written_by_owner``: the owning replica's answer; with shared metadata (S3) it
+        wrote the record every replica reads, so this one only remembers it."""
         rec = TagRecord(result.digest, result.media_type, result.size, time.time())
         self._tags[(target.upstream, target.repository, tag)] = rec
+        if written_by_owner and isinstance(self._meta, SharedMetadata):
+            self._meta.remember_tag(target.upstream, target.repository, tag, rec)
+            return
         try:
             await self._meta.set_tag(target.upstream, target.repository, tag, rec)
         except Exception as exc:

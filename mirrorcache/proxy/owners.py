@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.routing import Target
@@ -35,6 +35,15 @@ class BlobOpener(Protocol):
 
     def open_blob(self, repo: str, digest: Digest, offset: int = 0,
                   end: int | None = None) -> AbstractAsyncContextManager[BlobBody]: ...
+
+
+@runtime_checkable
+class OwnerStream(Protocol):
+    """A BlobOpener that streams from the owning replica: the owner publishes the blob in
+    the shared store, unless ``owner_failed`` (it could not answer, or its stream broke and
+    this replica fetched the rest upstream)."""
+
+    owner_failed: bool
 
 
 @dataclass(frozen=True, slots=True)

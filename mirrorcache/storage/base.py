@@ -159,6 +159,21 @@ class VerifiesEarly(Protocol):
 
 
 @runtime_checkable
+class LocalTier(Protocol):
+    """Optional capability of a store shared by replicas with a local tier per replica (S3
+    behind a local disk tier): a replica teeing another replica's fetch keeps its copy
+    locally and leaves publishing the blob in the shared store to the replica fetching it."""
+
+    def local_writer(self, digest: Digest) -> AbstractAsyncContextManager[BlobWriter]:
+        """A writer into this replica's local tier only (verified at commit like any write);
+        nothing reaches the shared store."""
+
+    async def publish_local(self, digest: Digest) -> bool:
+        """Upload the local tier's verified copy to the shared store unless it is already
+        there; True if it uploaded. Raises StorageError."""
+
+
+@runtime_checkable
 class Janitor(Protocol):
     """Optional capability: a backend that leaves temporary files behind a crash."""
 

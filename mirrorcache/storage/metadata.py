@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import diskcache
 import structlog
@@ -67,6 +67,19 @@ class TagRecord:
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.checked_at
+
+
+@runtime_checkable
+class SharedMetadata(Protocol):
+    """Optional capability of a metadata store every replica shares (S3): the owning replica
+    that revalidated a tag or fetched a digest has written its tag record or repository link,
+    so another replica taking its answer only remembers it and does not write it again."""
+
+    def remember_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
+        """This replica's copy of a tag record another replica wrote to the shared store."""
+
+    def remember_link(self, upstream: str, repo: str, digest: Digest) -> None:
+        """This replica's copy of a repository link another replica wrote."""
 
 
 class MetadataStore(Protocol):

@@ -192,9 +192,17 @@ class S3Metadata:
         return self._tag_record(await self._read(self._tag_key(upstream, repo, tag)))
 
     async def set_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
-        await self._write(self._tag_key(upstream, repo, tag), {
-            "digest": str(rec.digest), "media_type": rec.media_type, "size": rec.size,
-            "checked_at": rec.checked_at})
+        await self._write(self._tag_key(upstream, repo, tag), self._tag_doc(rec))
+
+    def remember_tag(self, upstream: str, repo: str, tag: str, rec: TagRecord) -> None:
+        """The owning replica's answer, whose record it wrote to S3 itself: kept in this
+        replica's LRU only (SharedMetadata)."""
+        self._lru[self._tag_key(upstream, repo, tag)] = (self._tag_doc(rec), self._clock())
+
+    @staticmethod
+    def _tag_doc(rec: TagRecord) -> dict[str, Any]:
+        return {"digest": str(rec.digest), "media_type": rec.media_type, "size": rec.size,
+                "checked_at": rec.checked_at}
 
     async def drop_tag(self, upstream: str, repo: str, tag: str, digest: Digest) -> None:
         """Forget a tag record if it still points at ``digest``."""
@@ -233,6 +241,11 @@ class S3Metadata:
     async def ais_linked(self, upstream: str, repo: str, digest: Digest) -> bool:
         return self._linked(await self._read(self._link_key(upstream, repo, digest),
                                              immutable=True))
+
+    def remember_link(self, upstream: str, repo: str, digest: Digest) -> None:
+        """A link the owning replica wrote to S3 itself: kept in this replica's LRU only."""
+        self._lru[self._link_key(upstream, repo, digest)] = ({"linked_at": self._wall()},
+                                                             self._clock())
 
     async def link(self, upstream: str, repo: str, digest: Digest) -> None:
         await self._write(self._link_key(upstream, repo, digest), {"linked_at": self._wall()})

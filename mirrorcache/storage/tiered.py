@@ -29,7 +29,7 @@ from mirrorcache.config import S3StorageConfig
 from mirrorcache.oci.reference import Digest
 from mirrorcache.storage import keys
 from mirrorcache.storage.base import BlobInfo, StorageError
-from mirrorcache.storage.fs import FilesystemBlobStore
+from mirrorcache.storage.fs import FilesystemBlobStore, FsBlobWriter
 from mirrorcache.storage.s3 import S3BlobStore, S3BlobWriter
 
 log = structlog.get_logger("mirrorcache.storage.tiered")
@@ -69,6 +69,45 @@ class TieredBlobWriter:
         spool = self._inner.local_path
         assert spool is not None
         self._store.adopt(spool, info)
+        return info
+
+    async def cancel(self) -> None:
+        await self._inner.cancel()
+
+    @property
+    def finished(self) -> bool:
+        return self._inner.finished
+
+
+class TieredLocalWriter:
+    """A write into the local tier alone, counted in its LRU at commit."""
+
+    def __init__(self, store: TieredBlobStore, inner: FsBlobWriter) -> None:
+        self._store = store
+        self._inner = inner
+        self.digest = inner.digest
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def local_path(self) -> Path | None:
+        return self._inner.local_path
+
+    async def write(self, chunk: bytes) -> None:
+        await self._inner.write(chunk)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def commit(self) -> BlobInfo:
+        info = await self._inner.commit()
+        if info.size > self._store.max_size:  # can never fit: S3 (the owner's) only
+            with contextlib.suppress(FileNotFoundError):
+                self._store.local.path_of(info.digest).unlink()
+        else:
+            self._store._note(info.digest, info.size)
         return info
 
     async def cancel(self) -> None:
@@ -222,6 +261,25 @@ class TieredBlobStore:
     async def writer(self, digest: Digest) -> AsyncIterator[TieredBlobWriter]:
         async with self.remote.writer(digest) as inner:
             yield TieredBlobWriter(self, inner)
+
+    @asynccontextmanager
+    async def local_writer(self, digest: Digest) -> AsyncIterator[TieredLocalWriter]:
+        """A write into the local tier only (LocalTier capability): a replica teeing the
+        owning replica's stream, which publishes the blob in S3 itself."""
+        async with self.local.writer(digest) as inner:
+            yield TieredLocalWriter(self, inner)
+
+    async def publish_local(self, digest: Digest) -> bool:
+        """Upload the local tier's copy to S3 unless S3 has it (the owner died before
+        publishing it); the upload is verified again before it completes."""
+        if await self.remote.stat(digest) is not None:
+            return False
+        async with self.remote.writer(digest) as w:
+            async for chunk in self.local.reader(digest):
+                await w.write(chunk)
+            await w.commit()
+        log.info("storage.tier_published", digest=str(digest), bytes=w.size)
+        return True
 
     async def delete(self, digest: Digest) -> None:
         size = self._lru.pop(digest, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,11 +24,17 @@ class MirrorCluster:
 
     def __init__(self, root: Path, upstream_url: str, n: int = 3, *,
                  upstream: dict[str, Any] | None = None, workers: int = 1,
-                 **cluster: Any) -> None:
+                 storage: Callable[[Path], dict[str, Any]] | None = None,
+                 env: dict[str, str] | None = None, **cluster: Any) -> None:
+        """``storage(workdir)``: a replica's ``storage`` section (default: a filesystem cache
+        of its own under ``workdir``); ``env``: the processes' environment (AWS credentials
+        for a shared S3 store)."""
         root.mkdir(parents=True, exist_ok=True)
         self.secret_file = root / "cluster.secret"
         self.secret_file.write_text(SECRET + "\n")
-        self.replicas = [MirrorProcess({}, root / f"r{i}", workers=workers) for i in range(n)]
+        self.replicas = [MirrorProcess({}, root / f"r{i}", workers=workers, env=env)
+                         for i in range(n)]
+        self._storage = storage
         self._upstream = {"url": upstream_url, **(upstream or {})}
         self._cluster = {"probe_interval": "0.3s", **cluster}
         self.write_configs([r.host for r in self.replicas])
@@ -35,6 +42,8 @@ class MirrorCluster:
     def write_configs(self, peers: list[str], only: list[MirrorProcess] | None = None) -> None:
         for r in only or self.replicas:
             raw = mirror_config(r.workdir, {"docker.io": self._upstream})
+            if self._storage is not None:
+                raw["storage"] = self._storage(r.workdir)
             raw.update({"listen": r.host, "workers": r.workers,
                         "log": {"level": "info", "format": "json"},
                         "cluster": {"peers": peers, "secret_file": str(self.secret_file),

@@ -12,7 +12,7 @@ import pytest
 
 from mirrorcache.config import S3StorageConfig
 from mirrorcache.oci.reference import Digest
-from mirrorcache.storage.metadata import Metadata, MetadataStore, TagRecord
+from mirrorcache.storage.metadata import Metadata, MetadataStore, SharedMetadata, TagRecord
 from mirrorcache.storage.s3 import S3BlobStore
 from mirrorcache.storage.s3_metadata import S3Metadata
 from tests.support.countingproxy import CountingProxy
@@ -157,3 +157,29 @@ async def test_both_metadata_stores_have_one_async_interface(
         assert not await meta.ais_linked("docker.io", "a/b", D1)
         assert meta.problem() is None
         meta.close()
+
+
+async def test_remembered_records_are_not_written_and_expire_to_the_shared_one(
+        s3: tuple[S3BlobStore, CountingProxy]) -> None:
+    """A replica taking the owner's answer keeps it locally (no PUT); after ``ttl`` it reads
+    the shared record the owner wrote."""
+    store, proxy = s3
+    clock = Clock()
+    owner = S3Metadata(store, ttl=5.0, clock=clock)
+    other = S3Metadata(store, ttl=5.0, clock=clock)
+    assert isinstance(other, SharedMetadata)
+    assert not hasattr(Metadata, "remember_tag")  # one host: nothing to share
+    shared = TagRecord(D1, MT, 10, time.time() - 1)
+    await owner.set_tag("docker.io", "r", "v1", shared)
+    await owner.link("docker.io", "r", D1)
+    proxy.reset()
+    mine = TagRecord(D1, MT, 10, time.time())
+    other.remember_tag("docker.io", "r", "v1", mine)
+    other.remember_link("docker.io", "r", D2)
+    assert [r for r in proxy.requests if r.method == "PUT"] == []
+    assert await other.aget_tag("docker.io", "r", "v1") == mine
+    assert await other.ais_linked("docker.io", "r", D2)
+    assert gets(proxy) == 0  # all from the LRU
+    clock.now += 5.1
+    assert await other.aget_tag("docker.io", "r", "v1") == shared
+    assert gets(proxy) == 1

@@ -35,6 +35,7 @@ from mirrorcache.storage.base import (
     BlobNotFound,
     BlobStore,
     DigestMismatch,
+    LocalTier,
     StorageError,
     put_bytes,
     read_bytes,
@@ -375,6 +376,42 @@ async def test_tier_keeps_the_spool_evicts_lru_and_refills_from_s3(
         assert await collect(tiered, digest_of(big)) == big
         await tiered.wait_fills()
         assert tiered.local_path(digest_of(big)) is None
+        assert os.listdir(tmp_path / "tier" / "tmp") == []
+
+
+async def test_tier_local_writer_and_publishing_the_local_copy(
+        tmp_path: Path, moto_server: MotoServer) -> None:
+    """LocalTier: a replica teeing the owner's stream writes its tier only; its verified copy
+    is uploaded only when S3 lacks it (the owner died), once."""
+    async for tiered in make_store("tiered", tmp_path, moto_server, max_size=16 * MiB):
+        assert isinstance(tiered, LocalTier)
+        assert not isinstance(FilesystemBlobStore(tmp_path / "fs"), LocalTier)
+        data = os.urandom(PART + 1000)  # more than one part: a multipart upload
+        d = digest_of(data)
+        async with tiered.local_writer(d) as w:
+            await w.write(data)
+            await w.commit()
+        path = tiered.local_path(d)
+        assert path is not None and path.read_bytes() == data
+        assert tiered.used == len(data)
+        assert await tiered.remote.stat(d) is None  # nothing uploaded
+        assert await tiered.publish_local(d) is True
+        assert await collect(tiered.remote, d) == data
+        assert await tiered.publish_local(d) is False  # already there: no second upload
+        # a wrong body never commits, locally or in S3
+        bad = digest_of(b"other")
+        with pytest.raises(DigestMismatch):
+            async with tiered.local_writer(bad) as w:
+                await w.write(data)
+                await w.commit()
+        assert tiered.local_path(bad) is None and await tiered.remote.stat(bad) is None
+        # a blob larger than the whole tier is not kept (and evicts nothing)
+        big = os.urandom(16 * MiB + 1)
+        async with tiered.local_writer(digest_of(big)) as w:
+            await w.write(big)
+            await w.commit()
+        assert tiered.local_path(digest_of(big)) is None
+        assert tiered.local_path(d) is not None and tiered.used == len(data)
         assert os.listdir(tmp_path / "tier" / "tmp") == []
 
 
