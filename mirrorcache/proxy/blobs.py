@@ -213,6 +213,10 @@ class BlobService(PeerFollowing):
                 # that client): not our answer; fetch for our own repository.
                 continue
             raise dl.error
+        if dl.done:
+            # Committed while this request waited (to be admitted): the spool may be gone
+            # (uploaded to object storage, moved into a tier); serve the stored blob.
+            return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
         if dl.size is None:
             # No length from upstream: wait for the verified blob, then serve it from cache.
             await dl.finished.wait()
