@@ -212,8 +212,9 @@ def _parse_upstream(name: str, sec: _Section, environ: Mapping[str, str]) -> Ups
         type="ecr" if ecr is not None else "registry",
         ecr=ecr,
     )
-    if up.request_timeout <= 0:
-        sec.problem("request_timeout", "must be more than 0")
+    for key in ("request_timeout", "read_timeout"):
+        if getattr(up, key) <= 0:
+            sec.problem(key, "must be more than 0")
     sec.finish()
     return up
 

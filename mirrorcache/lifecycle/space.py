@@ -104,6 +104,7 @@ class GuardedWriter:
         self._unchecked = 0
         self._checked = False
         self.digest = inner.digest
+        self._loop = asyncio.get_running_loop()
 
     @property
     def size(self) -> int:
@@ -131,7 +132,20 @@ class GuardedWriter:
     async def cancel(self) -> None:
         await self._inner.cancel()
 
+    def _write_direct(self, data: memoryview) -> None:
+        """``write_direct`` with the guard: runs in the receiving thread, so the check is
+        handed to the event loop and waited for, at the first write and every CHECK_EVERY."""
+        self._unchecked += len(data)
+        if not self._checked or self._unchecked >= CHECK_EVERY:
+            asyncio.run_coroutine_threadsafe(self._guard.check(self._unchecked),
+                                             self._loop).result()
+            self._unchecked, self._checked = 0, True
+        self._inner.write_direct(data)  # type: ignore[attr-defined]
+
     def __getattr__(self, name: str) -> Any:
+        if name == "write_direct":  # only when the inner writer has it (a DirectWriter)
+            getattr(self._inner, name)
+            return self._write_direct
         return getattr(self._inner, name)
 
 

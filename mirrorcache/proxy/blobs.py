@@ -194,18 +194,29 @@ class BlobService(PeerFollowing):
                            f"{target.upstream} is offline")
         if self._clock() < self._bypass_until:
             return self._passthrough(target, digest, range_header)
-        dl = self._downloads.get(digest)
-        if dl is None:
-            dl = self._start(target, digest, ask_owner=ask_owner)
-        else:
-            # Joining another request's fetch obeys the same rule as the cache.
-            await self._admit(target, digest, dl.target)
-            self._metrics.coalesced.labels("blob").inc()
-        await dl.started.wait()
-        if dl.error is not None and dl.written == 0:
+        while True:
+            dl = self._downloads.get(digest)
+            joined = dl is not None
+            if dl is None:
+                dl = self._start(target, digest, ask_owner=ask_owner)
+            else:
+                # Joining another request's fetch obeys the same rule as the cache.
+                await self._admit(target, digest, dl.target)
+                self._metrics.coalesced.labels("blob").inc()
+            await dl.started.wait()
+            if dl.error is None or dl.written > 0:
+                break
             if isinstance(dl.error, _StorageFailed):
                 return self._passthrough(target, digest, range_header)
+            if joined and not _same_repository(dl.target, target):
+                # Another repository's fetch failed (it may not hold the blob, or may refuse
+                # that client): not our answer; fetch for our own repository.
+                continue
             raise dl.error
+        if dl.done:
+            # Committed while this request waited (to be admitted): the spool may be gone
+            # (uploaded to object storage, moved into a tier); serve the stored blob.
+            return CachedBlob(digest, dl.written, self._store.local_path(digest), "miss")
         if dl.size is None:
             # No length from upstream: wait for the verified blob, then serve it from cache.
             await dl.finished.wait()
@@ -279,6 +290,10 @@ class BlobService(PeerFollowing):
 PUBLISH_GRACE = 20.0
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def _same_repository(a: Target, b: Target) -> bool:
+    return (a.upstream, a.repository) == (b.upstream, b.repository)
 
 
 def _single_range(header: str | None) -> tuple[int, int | None]:

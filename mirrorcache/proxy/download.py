@@ -337,7 +337,8 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     finally:
         if thread.is_alive():  # cancelled: stop the thread before the writer is closed
             raw.abort()
-            thread.join()
+            # Off the loop: the thread may be waiting on the loop (the space guard's check).
+            await asyncio.to_thread(thread.join)
     dl.written = w.size
     dl.notify()
     return broke

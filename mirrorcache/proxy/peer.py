@@ -112,12 +112,15 @@ class PeerFollowing(Downloading):
             if not peer.alive:
                 if await self._store.stat(dl.digest) is not None:
                     continue
-                if peer.error is not None:
+                if peer.error is not None and (dl.written > 0 or (
+                        owner is not None and (owner.upstream, owner.repository)
+                        == (dl.target.upstream, dl.target.repository))):
                     raise OCIError(ErrorCode.from_wire(peer.error.get("code")),
                                    str(peer.error.get("message", "peer fetch failed")),
                                    status=int(peer.error.get("status", 502)))
-                if dl.written == 0:
-                    log.warning("blob.peer_vanished", digest=str(dl.digest))
+                if dl.written == 0:  # died, or failed for another repository: ours to fetch
+                    log.warning("blob.peer_vanished" if peer.error is None
+                                else "blob.peer_failed_elsewhere", digest=str(dl.digest))
                     return True
                 raise OCIError(ErrorCode.UNAVAILABLE, "peer fetch died mid-stream", status=503)
             if peer.path is not None and dl.path is None:

@@ -110,28 +110,30 @@ class S3Metadata:
             doc, at = entry
             if (immutable and doc is not _ABSENT) or self._clock() - at < self.ttl:
                 return doc
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        task = self._inflight.get(key)
+        if task is None:
+            # A task of its own, so a reader cancelled while it waits (a client gone) does
+            # not cancel the GET the other readers of the key wait for.
+            task = asyncio.ensure_future(self._fetch(key, entry))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._fetched(key, t))
+        return await asyncio.shield(task)
+
+    def _fetched(self, key: str, task: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters get it, nobody else logs it
+
+    async def _fetch(self, key: str, entry: tuple[Any, float] | None) -> Any:
         try:
             doc = await self._get(key)
         except StorageError as exc:
             log.warning("storage.metadata_unavailable", op="read", reason=str(exc))
             self._problem = f"S3 metadata unavailable: {exc}"
-            doc = entry[0] if entry is not None else _ABSENT
-            fut.set_result(doc)
-            return doc
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters get it, nobody else logs it
-            raise
-        finally:
-            self._inflight.pop(key, None)
+            return entry[0] if entry is not None else _ABSENT
         self._problem = None
         self._lru[key] = (doc, self._clock())
-        fut.set_result(doc)
         return doc
 
     async def _get(self, key: str) -> Any:
@@ -141,7 +143,12 @@ class S3Metadata:
             return _ABSENT
         body = resp["Body"]
         try:
-            raw = await body.read(MAX_OBJECT + 1)
+            raw = b""
+            while len(raw) <= MAX_OBJECT:  # a read may return part of the object
+                more = await body.read(MAX_OBJECT + 1 - len(raw))
+                if not more:
+                    break
+                raw += more
         except Exception as exc:  # a broken body: as good as unreachable
             raise StorageError(f"reading {key}: {type(exc).__name__}") from None
         finally:

@@ -43,7 +43,7 @@ from mirrorcache.upstream.credentials import (  # noqa: F401  basic_auth_header:
 )
 from mirrorcache.upstream.dockerhub import parse_ratelimit
 from mirrorcache.upstream.ecr import EcrCredentials
-from mirrorcache.upstream.realm import RealmPolicy
+from mirrorcache.upstream.realm import RealmPolicy, redirect_refusal
 
 log = structlog.get_logger("mirrorcache.upstream")
 
@@ -437,9 +437,16 @@ class UpstreamClient:
             if hops > MAX_REDIRECTS:
                 raise OCIError(ErrorCode.UNKNOWN,
                                f"upstream {self.name}: too many redirects", status=502)
-            url = urljoin(url, resp.headers["Location"])
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise OCIError(ErrorCode.UNKNOWN, f"upstream {self.name}: bad redirect", status=502)
+            nxt = urljoin(url, resp.headers["Location"])
+            why = redirect_refusal(self.cfg.url, url, nxt)
+            if why is not None:
+                resp.release()
+                log.warning("upstream.redirect_refused", upstream=self.name,
+                            location=urlsplit(nxt)._replace(query="", fragment="").geturl(),
+                            reason=why)
+                raise OCIError(ErrorCode.UNKNOWN, f"upstream {self.name}: redirect refused: "
+                               f"{why}", status=502)
+            url = nxt
             resp.release()
             if _origin(url) != origin:
                 # Another origin (object storage, or a downgrade to http) gets no credentials.

@@ -116,3 +116,43 @@ class RealmPolicy:
         if not same and is_internal(host) and not is_internal(up_host):
             return f"the realm host {host} is an internal address"
         return None
+
+
+def address_class(host: str) -> str | None:
+    """Which internal kind of address ``host`` names ("loopback", "link-local", "private",
+    "reserved"), or None for a public address or DNS name."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return "loopback"
+    ip = _ip(host)
+    if ip is None:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_unspecified or ip.is_reserved or ip.is_multicast:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    return None
+
+
+def redirect_refusal(upstream_url: str, from_url: str, to_url: str) -> str | None:
+    """None when an upstream's redirect from ``from_url`` to ``to_url`` may be followed, else
+    why not. The realm rule, for every hop: no https -> http downgrade, and no internal
+    address (loopback, link-local, private, reserved) unless the upstream itself is one of
+    the same kind, so a compromised upstream cannot make the mirror fetch (and cache, and
+    serve) something from inside its network, such as a cloud metadata service."""
+    src, dst = urlsplit(from_url), urlsplit(to_url)
+    host = (dst.hostname or "").lower()
+    if dst.scheme not in ("http", "https") or not host:
+        return "the redirect is not to an http(s) URL"
+    if src.scheme == "https" and dst.scheme != "https":
+        return "the redirect downgrades https to plain http"
+    kind = address_class(host)
+    if kind is not None and kind != address_class(urlsplit(upstream_url).hostname or ""):
+        return f"the redirect goes to {host}, a {kind} address"
+    return None

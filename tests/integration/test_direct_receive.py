@@ -224,3 +224,26 @@ async def test_tls_upstream_received_directly(tmp_path: Path, stall_at: int | No
             await assert_cached(tmp_path, sha(data), len(data))
     finally:
         await ts.close()
+
+
+async def test_space_guard_refusing_sends_a_direct_receive_to_bypass(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """The threaded receive checks the space guard too: a cache with no room commits
+    nothing and the pull is served from upstream (bypass), not cached past max_size."""
+    img = make_image([3_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        raw["storage"]["max_size"] = 1_000_000  # smaller than the layer: the guard refuses
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                status, body = await pull(mirror, layer.digest, unique_repo)
+            assert (status, sha(body)) == (200, layer.digest)
+            assert committed(logs) == []
+            assert any(e["event"] == "cache.full" for e in logs)
+            assert any(e["event"] == "request.finished" and e["cache"] == "bypass"
+                       for e in logs)
+            assert proxy.count("GET", "blob") == 2  # the refused cache fetch, then bypass
+            assert slots_in_use(mirror) == 0
+    assert await FilesystemBlobStore(tmp_path / "cache").stat(Digest.parse(layer.digest)) is None

@@ -15,9 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from mirrorcache.api.services import SERVICES
+from mirrorcache.oci.reference import Digest
+from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.upstream.breaker import State
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.hostile import Hostile, gzip_bomb, registry_url, sha, start_hostile
@@ -347,3 +351,48 @@ async def test_anonymous_token_from_a_foreign_loopback_realm_is_allowed_for_loop
         status, _, body = await get(f"{mirror.url}/v2/team/app/manifests/v1")
         assert status == 200 and sha(body) == digest
         assert h.realm_requests == [{"authorization": "", "accept-encoding": "identity"}]
+
+
+async def test_redirects_to_internal_addresses_of_another_kind_are_refused(
+        tmp_path: Path) -> None:
+    """A loopback upstream may redirect to another loopback host name and port (object
+    storage beside it), but not to a link-local address (a cloud metadata service): that
+    is a clean 502, nothing is fetched from there, nothing cached."""
+    good, bad = b"stored next door" * 1000, b"never fetched"
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        if request.path == "/v2/":
+            return web.json_response({})
+        if request.path == f"/v2/team/app/blobs/{sha(good)}":
+            raise web.HTTPTemporaryRedirect(f"http://localhost:{request.url.port}/obj/good")
+        if request.path == f"/v2/team/app/blobs/{sha(bad)}":
+            raise web.HTTPTemporaryRedirect("http://169.254.169.254/latest/meta-data/")
+        if request.path == "/obj/good":
+            return web.Response(body=good)
+        return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]},
+                                 status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": str(server.make_url(""))}})
+        async with Mirror(raw) as mirror:
+            status, _, body = await get(f"{mirror.url}/v2/team/app/blobs/{sha(good)}")
+            assert status == 200 and body == good
+            with capture_logs() as logs:
+                status, _, body = await get(f"{mirror.url}/v2/team/app/blobs/{sha(bad)}")
+            assert status == 502 and code_of(body) == "UNKNOWN"
+            assert "169.254.169.254, a link-local address" in message_of(body)
+            assert [e["reason"] for e in logs if e["event"] == "upstream.redirect_refused"
+                    ] == ["the redirect goes to 169.254.169.254, a link-local address"]
+        assert [p for p in seen if p != "/v2/"] == [
+            f"/v2/team/app/blobs/{sha(good)}", "/obj/good", f"/v2/team/app/blobs/{sha(bad)}"]
+    finally:
+        await server.close()
+    fs = FilesystemBlobStore(tmp_path / "cache")
+    assert await fs.stat(Digest.parse(sha(bad))) is None
+    assert await fs.stat(Digest.parse(sha(good))) is not None

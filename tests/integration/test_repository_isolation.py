@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -177,3 +179,83 @@ async def test_concurrent_cold_pulls_make_no_blob_head(
         assert [(s, sha(body)) for s, body in late] == [(200, b.digest) for b in img.blobs]
         assert proxy.count("HEAD", "blob") == 0
         assert proxy.count("GET", "blob") == len(img.blobs)
+
+
+def _coalesced(m: Mirror, kind: str) -> float:
+    return m.app[SERVICES].metrics.registry.get_sample_value(
+        "mirrorcache_coalesced_requests_total", {"kind": kind}) or 0.0
+
+
+async def test_failed_fetch_for_another_repository_does_not_fail_the_joiner(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """A request for a repository that does not hold the blob starts its fetch; a legitimate
+    pull of the blob joins it (upstream confirmed it by HEAD). Upstream's 404 for the first
+    repository is not the joiner's answer: it fetches for its own repository."""
+    private, public, data, digest = await _two_repos(registry, unique_repo)
+    gate = asyncio.Event()
+    async with CountingProxy(registry.url) as proxy:
+        proxy.add_fault(Fault.hold(gate, kind="blob", method="GET", path=f"/{public}/"))
+        async with Mirror(mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})) as m:
+            async with aiohttp.ClientSession() as http:
+                bogus = asyncio.ensure_future(fetch(http, f"{m.url}/v2/{public}/blobs/{digest}"))
+                await wait_until(lambda: proxy.count("GET", "blob", repo=public) == 1)
+                legit = asyncio.ensure_future(
+                    fetch(http, f"{m.url}/v2/{private}/blobs/{digest}"))
+                await wait_until(lambda: _coalesced(m, "blob") == 1)
+                gate.set()
+                status, body = await bogus
+                assert status == 404 and _error_code(body) == "BLOB_UNKNOWN"
+                assert await legit == (200, data)
+        assert proxy.count("HEAD", "blob", repo=private) == 1  # the join's confirmation
+        assert proxy.count("GET", "blob", repo=private) == 1
+        assert proxy.count("GET", "blob", repo=public) == 1
+
+
+async def test_peer_fetch_failed_for_another_repository_is_taken_over(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """The same across worker processes (two apps on one cache directory). A follower can
+    find the failed claim's error (it opened the claim file before it was removed); here
+    worker one's claim is released without removing the file, so the follower always does."""
+    private, public, data, digest = await _two_repos(registry, unique_repo)
+    gate = asyncio.Event()
+
+    class LingeringClaim:
+        def __init__(self, claim: Any) -> None:
+            self.claim = claim
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.claim, name)
+
+        def release(self, *, done: bool) -> None:
+            os.close(self.claim._fd)  # the lock is free; the file, with its error, stays
+
+    class LingeringClaims:
+        def __init__(self, claims: Any) -> None:
+            self.claims = claims
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.claims, name)
+
+        def claim(self, key: str) -> Any:
+            claim = self.claims.claim(key)
+            return None if claim is None else LingeringClaim(claim)
+
+    async with CountingProxy(registry.url) as proxy:
+        proxy.add_fault(Fault.hold(gate, kind="blob", method="GET", path=f"/{public}/"))
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as one, Mirror(raw) as two:
+            blobs_one = one.app[SERVICES].blobs
+            blobs_one._claims = LingeringClaims(blobs_one._claims)
+            async with aiohttp.ClientSession() as http:
+                bogus = asyncio.ensure_future(
+                    fetch(http, f"{one.url}/v2/{public}/blobs/{digest}"))
+                await wait_until(lambda: proxy.count("GET", "blob", repo=public) == 1)
+                legit = asyncio.ensure_future(
+                    fetch(http, f"{two.url}/v2/{private}/blobs/{digest}"))
+                await wait_until(lambda: _coalesced(two, "blob_peer") == 1)
+                gate.set()
+                status, body = await bogus
+                assert status == 404 and _error_code(body) == "BLOB_UNKNOWN"
+                assert await legit == (200, data)
+        assert proxy.count("GET", "blob", repo=private) == 1
+        assert proxy.count("GET", "blob", repo=public) == 1

@@ -23,6 +23,7 @@ from tests.support.images import make_image, push_image
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import copied_blob_digests, skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +121,36 @@ async def test_blobs_served_from_the_reader_when_not_on_local_disk(
     assert await store.stat(got) == BlobInfo(got, len(data))
     assert "sha256:" + hashlib.sha256(b"".join(
         [c async for c in store.reader(got)])).hexdigest() == layer.digest
+
+
+async def test_joiner_admitted_after_the_commit_is_served_from_the_store(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """A request for another repository joins a fetch, and its confirming HEAD comes back
+    only after the fetch committed: with no local path the spool is gone, and the stored
+    blob is served (not 500 "in-flight blob vanished")."""
+    img = make_image([2_000_000], media="oci", raw=True)
+    one, other = f"{unique_repo}/one", f"{unique_repo}/other"
+    await push_image(registry.url, one, img, "v1")
+    await push_image(registry.url, other, img, "v1")
+    layer = img.layers[0]
+    store = RemoteLikeStore(tmp_path / "cache")
+    gate = asyncio.Event()
+    async with CountingProxy(registry.url, chunk_size=16384) as proxy:
+        proxy.add_fault(Fault.slow(0.002, kind="blob", method="GET", times=1))
+        proxy.add_fault(Fault.hold(gate, kind="blob", method="HEAD"))
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw, store=store) as mirror, aiohttp.ClientSession() as http:
+            base = f"{mirror.url}/v2/%s/blobs/{layer.digest}"
+            with capture_logs() as logs:
+                first = asyncio.ensure_future(get(http, base % one))
+                await wait_until(lambda: proxy.count("GET", "blob") == 1)
+                joiner = asyncio.ensure_future(get(http, base % other))
+                await wait_until(lambda: proxy.count("HEAD", "blob", repo=other) == 1)
+                assert (await first)[::2] == (200, layer.data)
+                assert any(e["event"] == "blob.committed" for e in logs)
+                gate.set()
+                status, headers, body = await joiner
+            assert (status, body) == (200, layer.data)
+            assert headers["Docker-Content-Digest"] == layer.digest
+            assert proxy.count("GET", "blob") == 1
+            assert store.reads == 1  # the joiner's body, from the store's reader

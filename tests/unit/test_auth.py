@@ -439,7 +439,7 @@ async def test_same_origin_redirect_keeps_authorization(
     assert reg.storage_requests == []
 
 
-async def test_scheme_downgrade_redirect_drops_authorization(
+async def test_scheme_downgrade_redirect_is_refused(
     session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = UpstreamConfig(name="reg.example", url="https://reg.example", username=USER,
@@ -457,7 +457,9 @@ async def test_scheme_downgrade_redirect_drops_authorization(
         status=307, release=lambda: None,
         headers=CIMultiDict({"Location": "http://reg.example/v2/a/blobs/plain"}))
     hdrs = CIMultiDict({"Authorization": GOOD_BASIC})
-    resp = await client._follow_redirects("GET", "https://reg.example/v2/a/blobs/x", hdrs,
-                                          redirect)  # type: ignore[arg-type]
-    assert resp.status == 200
-    assert sent == [("http://reg.example/v2/a/blobs/plain", None)]
+    with pytest.raises(OCIError) as err:
+        await client._follow_redirects("GET", "https://reg.example/v2/a/blobs/x", hdrs,
+                                       redirect)  # type: ignore[arg-type]
+    assert err.value.status == 502
+    assert "downgrades https to plain http" in err.value.message
+    assert sent == []  # nothing sent, with or without credentials

@@ -347,12 +347,13 @@ def test_upstream_deadline_pool_and_realm_keys() -> None:
     assert hub.token_realms == ()
     problems = _problems({**base, "upstreams": {"quay.io": {
         "url": "https://quay.io", "request_timeout": 0, "max_connections": 0,
-        "token_realms": ["ftp://x", "not a host"]}}})
+        "read_timeout": 0, "token_realms": ["ftp://x", "not a host"]}}})
     assert problems == [
         "upstreams.quay.io.max_connections: must be between 1 and 10000",
         "upstreams.quay.io.token_realms: expected a host or an http(s) URL, got 'ftp://x'",
         "upstreams.quay.io.token_realms: expected a host or an http(s) URL, got 'not a host'",
         "upstreams.quay.io.request_timeout: must be more than 0",
+        "upstreams.quay.io.read_timeout: must be more than 0",
     ]
 
 

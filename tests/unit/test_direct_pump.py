@@ -100,3 +100,40 @@ async def test_cancelled_download_stops_its_thread_first(tmp_path: Path) -> None
     theirs.close()
     raw.close()
     assert list((tmp_path / "cache" / "tmp").glob("*.part")) == []
+
+
+async def test_cancel_waits_for_the_thread_without_blocking_the_loop(tmp_path: Path) -> None:
+    """The thread may be waiting on the event loop (the space guard's check runs there):
+    a cancelled pump joins it off the loop, so the loop still runs what the thread waits
+    for. Here the writer's write waits for a loop callback (2 s at most)."""
+    data = os.urandom(DIRECT_BUFFER)
+    store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
+    sender = send(theirs, data, close=False)
+    loop = asyncio.get_running_loop()
+    entered, released = threading.Event(), threading.Event()
+    by_loop: list[bool] = []
+
+    class WaitsOnLoop:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def write_direct(self, buf: memoryview) -> None:
+            entered.set()
+            by_loop.append(released.wait(2))
+            self.inner.write_direct(buf)  # type: ignore[attr-defined]
+
+    async with store.writer(digest) as w:
+        task = asyncio.create_task(_pump_direct(raw, WaitsOnLoop(w), dl))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        loop.call_soon(released.set)  # runs only if the loop is not blocked by the join
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert by_loop == [True]
+        assert fetch_threads() == []
+    sender.join()
+    theirs.close()
+    raw.close()

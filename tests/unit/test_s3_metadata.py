@@ -15,8 +15,9 @@ from mirrorcache.oci.reference import Digest
 from mirrorcache.storage.metadata import Metadata, MetadataStore, SharedMetadata, TagRecord
 from mirrorcache.storage.s3 import S3BlobStore
 from mirrorcache.storage.s3_metadata import S3Metadata
-from tests.support.countingproxy import CountingProxy
+from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.s3server import REGION, MotoServer, aws_session, make_bucket
+from tests.support.waiting import wait_until
 
 D1 = Digest("sha256", "1" * 64)
 D2 = Digest("sha256", "2" * 64)
@@ -182,4 +183,46 @@ async def test_remembered_records_are_not_written_and_expire_to_the_shared_one(
     assert gets(proxy) == 0  # all from the LRU
     clock.now += 5.1
     assert await other.aget_tag("docker.io", "r", "v1") == shared
+
+
+@pytest.fixture
+async def dripping_s3(tmp_path: Path, moto_server: MotoServer
+                      ) -> AsyncIterator[tuple[S3BlobStore, CountingProxy]]:
+    """S3 behind a proxy that sends bodies 16 bytes at a time."""
+    bucket = await make_bucket(moto_server)
+    async with CountingProxy(moto_server.url, chunk_size=16) as proxy:
+        cfg = S3StorageConfig(bucket=bucket, prefix="m", region=REGION, endpoint_url=proxy.url,
+                              addressing_style="path")
+        async with S3BlobStore(cfg, tmp_path / "spool", session=aws_session()) as store:
+            yield store, proxy
+
+
+async def test_a_record_arriving_in_pieces_is_read_whole(
+        dripping_s3: tuple[S3BlobStore, CountingProxy]) -> None:
+    store, proxy = dripping_s3
+    rec = TagRecord(D1, MT, 1234, time.time())
+    await S3Metadata(store).set_tag("docker.io", "library/alpine", "3.20", rec)
+    proxy.add_fault(Fault.slow(0.005, method="GET", path="/metadata/"))
+    fresh = S3Metadata(store)
+    assert await fresh.aget_tag("docker.io", "library/alpine", "3.20") == rec
+    assert gets(proxy) == 1
+
+
+async def test_a_cancelled_reader_does_not_cancel_the_others(
+        s3: tuple[S3BlobStore, CountingProxy]) -> None:
+    store, proxy = s3
+    rec = TagRecord(D1, MT, 1234, time.time())
+    await S3Metadata(store).set_tag("docker.io", "library/alpine", "3.20", rec)
+    gate = asyncio.Event()
+    proxy.add_fault(Fault.hold(gate, method="GET", path="/metadata/"))
+    m = S3Metadata(store)
+    first = asyncio.ensure_future(m.aget_tag("docker.io", "library/alpine", "3.20"))
+    await wait_until(lambda: gets(proxy) == 1)
+    second = asyncio.ensure_future(m.aget_tag("docker.io", "library/alpine", "3.20"))
+    await asyncio.sleep(0)  # the second reader is waiting on the same GET
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    assert await second == rec
     assert gets(proxy) == 1

@@ -9,7 +9,12 @@ from aiohttp.test_utils import TestServer
 
 from mirrorcache.upstream.body import BodyEncoded, BodyTooLarge, read_capped
 from mirrorcache.upstream.breaker import CircuitBreaker, State
-from mirrorcache.upstream.realm import RealmPolicy, is_internal, registrable_domain
+from mirrorcache.upstream.realm import (
+    RealmPolicy,
+    is_internal,
+    redirect_refusal,
+    registrable_domain,
+)
 
 
 class Clock:
@@ -115,6 +120,32 @@ def test_is_internal() -> None:
     assert all(is_internal(h) for h in ("localhost", "127.0.0.1", "[::1]", "169.254.169.254",
                                         "10.1.2.3", "192.168.0.1", "0.0.0.0", "a.localhost"))
     assert not any(is_internal(h) for h in ("docker.io", "8.8.8.8", "auth.docker.io"))
+
+
+@pytest.mark.parametrize(("upstream", "frm", "to", "allowed"), [
+    # object storage, CDNs: public https
+    ("https://registry-1.docker.io", "https://registry-1.docker.io/v2/a/blobs/x",
+     "https://production.cloudflare.docker.com/r/x?sig=1", True),
+    # downgrades, on any hop
+    ("https://reg.example", "https://reg.example/v2/a/blobs/x", "http://reg.example/y", False),
+    ("https://reg.example", "https://cdn.example/y", "http://cdn2.example/z", False),
+    # internal addresses only of the upstream's own kind
+    ("https://reg.example", "https://reg.example/v2/a/manifests/t",
+     "https://169.254.169.254/latest/meta-data/", False),
+    ("https://reg.example", "https://reg.example/x", "http://169.254.169.254/", False),
+    ("https://reg.example", "https://reg.example/x", "https://127.0.0.1:8443/x", False),
+    ("https://reg.example", "https://reg.example/x", "https://localhost/x", False),
+    ("https://reg.example", "https://reg.example/x", "https://10.0.0.5/x", False),
+    ("https://reg.example", "https://reg.example/x", "https://[::ffff:127.0.0.1]/x", False),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000/v2/a/blobs/x",
+     "http://localhost:6000/obj", True),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000/x", "http://169.254.169.254/", False),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000/x", "http://10.0.0.5/", False),
+    ("https://10.1.2.3", "https://10.1.2.3/x", "https://192.168.1.9:9000/minio", True),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000/x", "ftp://127.0.0.1/x", False),
+])
+def test_redirect_refusal(upstream: str, frm: str, to: str, allowed: bool) -> None:
+    assert (redirect_refusal(upstream, frm, to) is None) == allowed
 
 
 async def _serve(handler: web.RequestHandler) -> TestServer:  # type: ignore[type-arg]
