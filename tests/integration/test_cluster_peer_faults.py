@@ -135,10 +135,12 @@ async def fetch_from_stalling_owner(r: MirrorProcess, cluster: MirrorCluster,
         assert sha(stored.read_bytes()) == layer.digest
         fallback = r.events("cluster.peer_fallback")
         assert [e["reason"] for e in fallback] == ["broken"]
-        # The replica's loop still serves (its socket was never made blocking).
-        async with http.get(f"{r.url}/v2/{unique_repo}/manifests/v1",
-                            headers={"Accept": ACCEPT}) as resp:
-            assert resp.status == 200 and sha(await resp.read()) == image.digest
+        # The replica's loop still serves (its socket was never made blocking): the blob
+        # again, now from its own cache.
+        assert await asyncio.wait_for(get(), 10) == (200, layer.digest)
+        assert len([s for s in proxy.matching("GET", "blob")
+                    if s.path.endswith(layer.digest)]) == 1
+        assert owner.asked == [layer.digest]
 
 
 def big_index(image: Image, size: int) -> Index:
