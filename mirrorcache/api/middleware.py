@@ -3,6 +3,8 @@
 A client that goes away mid-response is not an error of ours: it is logged once as
 ``request.client_disconnected`` (no traceback), its ``request.finished`` carries
 ``error: client_disconnected`` and the body bytes really sent, and the connection is closed.
+Requests of other replicas (the peer endpoint) are logged too, with ``route: peer``, but not
+counted in the client request metrics (the peer endpoint has its own).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mirrorcache.api.keys import (
     TARGET_KEY,
 )
 from mirrorcache.api.services import SERVICES
+from mirrorcache.cluster.client import PREFIX as PEER_PREFIX
 from mirrorcache.errors import Handler, is_client_disconnect
 from mirrorcache.log import redact_query
 
@@ -56,10 +59,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     finally:
         if request.path.startswith("/v2"):
             _record(request, resp, start, error)
+        elif request.path.startswith(PEER_PREFIX):
+            # Logged (never the signature header) but not counted as client traffic.
+            _record(request, resp, start, error, peer=True)
 
 
 def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
-            error: str | None) -> None:
+            error: str | None, *, peer: bool = False) -> None:
     target = request.get(TARGET_KEY)
     status = resp.status if resp is not None else 499
     sent = _body_bytes(request, resp, error)
@@ -70,7 +76,7 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
         "method": request.method,
         "path": request.path[:512],
         "query": redact_query(request.query_string[:512]),
-        "route": target.form if target else None,
+        "route": "peer" if peer else target.form if target else None,
         "upstream": target.upstream if target else None,
         "repository": target.repository if target else None,
         "status": status,
@@ -82,6 +88,8 @@ def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
     if error or request.get(ABORTED_KEY):
         fields["error"] = error or "aborted"
     log.info("request.finished", **fields)
+    if peer:
+        return
     metrics = request.app[SERVICES].metrics
     metrics.requests.labels(request.method, kind, str(status), cache).inc()
     metrics.request_seconds.labels(kind).observe(duration)

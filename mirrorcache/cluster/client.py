@@ -29,6 +29,7 @@ from mirrorcache.oci import media
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy.owners import BlobOpener, OwnedManifest, blob_key
 from mirrorcache.proxy.routing import Target
+from mirrorcache.upstream.body import BodyRefused, BodyTooLarge, read_capped
 from mirrorcache.upstream.registry import BlobBody
 
 log = structlog.get_logger("mirrorcache.cluster")
@@ -120,8 +121,15 @@ class PeerClient:
                              ) -> AsyncIterator[BlobBody]:
         async with self._request(member, "blobs", self._path("blobs", str(digest), target)
                                  ) as resp:
-            yield BlobBody(f"peer {member}", digest, resp, size=resp.content_length, start=0,
-                           length=resp.content_length, partial=False)
+            # Each read waits at most peer_request_timeout, also on the threaded receive
+            # path: an owner that stalls without closing is a broken body, resumed upstream.
+            body = BlobBody(f"peer {member}", digest, resp, size=resp.content_length, start=0,
+                            length=resp.content_length, partial=False,
+                            read_timeout=self._cfg.peer_request_timeout)
+            try:
+                yield body
+            finally:
+                body.close()
 
     # -- manifests
     async def manifest(self, key: str, target: Target, reference: str
@@ -133,10 +141,13 @@ class PeerClient:
             async with self._request(member, "manifests",
                                      self._path("manifests", reference, target)) as resp:
                 try:
+                    # The whole body (one read returns only what is buffered), capped.
                     body = await asyncio.wait_for(
-                        resp.content.read(media.MAX_MANIFEST_BYTES + 1),
+                        read_capped(resp, media.MAX_MANIFEST_BYTES, "peer manifest"),
                         self._cfg.peer_request_timeout)
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except BodyTooLarge:
+                    raise PeerUnavailable("error", "manifest too large") from None
+                except (aiohttp.ClientError, TimeoutError, BodyRefused) as exc:
                     raise PeerUnavailable("error", f"body: {type(exc).__name__}") from None
                 try:
                     digest = Digest.parse(resp.headers.get("Docker-Content-Digest", ""))
@@ -146,8 +157,6 @@ class PeerClient:
                     # The owner served a stale copy (its upstream failing): not an answer to
                     # trust for a whole TTL; this replica tries upstream itself.
                     raise PeerUnavailable("stale", resp.headers["Warning"][:200])
-                if len(body) > media.MAX_MANIFEST_BYTES:
-                    raise PeerUnavailable("error", "manifest too large")
                 mt = resp.headers.get("Content-Type", "") or media.sniff_media_type(body)
         except PeerUnavailable as exc:
             self._fallback("manifest", member, target, reference, exc)

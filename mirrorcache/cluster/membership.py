@@ -23,6 +23,8 @@ from mirrorcache.config import ClusterConfig, ConfigError, load_config, parse_li
 from mirrorcache.metrics import Metrics
 
 log = structlog.get_logger("mirrorcache.cluster")
+#: The most of a /healthz answer a probe reads (only its status matters).
+PROBE_BODY_MAX = 4096
 
 
 @dataclass
@@ -131,7 +133,9 @@ class Membership:
         try:
             async with self._session.get(f"{self.scheme}://{member}/healthz", timeout=timeout,
                                          ssl=False) as resp:
-                await resp.read()
+                # The body is not used: at most a little is read (the connection is not
+                # kept for reuse if more is left), never a peer's whole answer.
+                await resp.content.read(PROBE_BODY_MAX)
                 if resp.status == 200:
                     return True, None
                 return False, f"healthz answered {resp.status}"

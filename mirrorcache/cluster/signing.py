@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 #: Header carrying the signing time (unix seconds).
 TIME_HEADER = "X-Mirrorcache-Peer-Time"
@@ -12,6 +13,9 @@ TIME_HEADER = "X-Mirrorcache-Peer-Time"
 SIGNATURE_HEADER = "X-Mirrorcache-Peer-Signature"
 #: Largest accepted difference between the signer's clock and ours.
 MAX_SKEW = 60.0
+
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
 def sign(secret: str, method: str, path_qs: str, timestamp: int) -> str:
@@ -31,10 +35,13 @@ def verify(secret: str, method: str, path_qs: str, timestamp: str | None,
         return "no cluster secret configured"
     if not timestamp or not signature:
         return "unsigned"
-    try:
-        ts = int(timestamp)
-    except ValueError:
+    # Checked as ASCII before use: int() takes other digits and whitespace, and a
+    # non-ASCII signature cannot be compared as bytes.
+    if not _TIMESTAMP.fullmatch(timestamp):
         return "bad timestamp"
+    if not _SIGNATURE.fullmatch(signature):
+        return "bad signature"
+    ts = int(timestamp)
     if abs(now - ts) > MAX_SKEW:
         return "timestamp outside the allowed skew"
     want = sign(secret, method, path_qs, ts)

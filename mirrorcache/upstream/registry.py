@@ -114,13 +114,15 @@ class BlobBody:
         """The rest of the body as a blocking reader for a thread (:class:`RawBody`), taken
         off aiohttp's connection: the event loop then never touches the body's bytes (nor,
         over TLS, decrypts them: the thread takes over asyncio's TLS session). Only for an
-        identity, ``Content-Length`` body on a loop transport that gives its socket; None
-        otherwise (chunked, encoded, unknown length, uvloop's TLS), and the caller reads
-        :meth:`chunks` as before. The connection is closed, not reused, when the body's
-        block exits."""
+        identity, ``Content-Length`` body on a loop transport that gives its socket, with a
+        ``read_timeout``; None otherwise (no timeout, chunked, encoded, unknown length,
+        uvloop's TLS), and the caller reads :meth:`chunks` as before. The connection is
+        closed, not reused, when the body's block exits."""
         if self._raw is not None:
             return self._raw
         resp = self._resp
+        if self._read_timeout is None:
+            return None  # a thread's reads must time out: never a blocking, unbounded socket
         if self.length is None or resp.connection is None:
             return None
         if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
