@@ -228,6 +228,13 @@ async def test_rendered_cluster_s3_deployment_runs_two_pods_in_image(
                 (started,) = _events(dockerd, name, "cluster.started")
                 assert started["member"] == f"127.0.0.1:{port}"
                 assert sorted(started["members"]) == members
+            # The first pod found the second not yet listening (cluster.member_down) and
+            # leaves it out of ownership until a probe succeeds: wait for that.
+            deadline = time.monotonic() + 30
+            for name, other in zip(names, reversed(ports), strict=True):
+                while not _peer_healthy(dockerd, name, f"127.0.0.1:{other}"):
+                    assert time.monotonic() < deadline, f"{name} never saw its peer up"
+                    await asyncio.sleep(0.2)
             copies = await asyncio.gather(*[
                 skopeo_copy(f"127.0.0.1:{port}/docker.io/{unique_repo}:v1",
                             tmp_path / f"out{i}") for i, port in enumerate(ports)])
@@ -248,13 +255,25 @@ async def test_rendered_cluster_s3_deployment_runs_two_pods_in_image(
                 assert SECRET_KEY not in logs.stdout + logs.stderr
                 assert "a-peer-secret" not in logs.stdout + logs.stderr
         finally:
-            for name in names:
+            for name in names:  # shown when the test fails
+                logs = dockerd.docker("logs", "--tail", "60", name, check=False)
+                print(f"--- {name}\n{logs.stdout}{logs.stderr}")
                 dockerd.docker("rm", "-f", "-v", name, check=False)
                 dockerd.docker("volume", "rm", "-f", f"{name}-cache", check=False)
 
 
-def _events(dockerd: Dockerd, name: str, event: str) -> list[dict[str, Any]]:
-    """The JSON log events called ``event`` in a container's log."""
+def _peer_healthy(dockerd: Dockerd, name: str, member: str) -> bool:
+    """Whether the container's log leaves ``member`` healthy (peers start healthy; each
+    cluster.member_down / cluster.member_up event flips that)."""
+    healthy = True
+    for event in _events(dockerd, name, "cluster.member_down", "cluster.member_up"):
+        if event.get("member") == member:
+            healthy = event["event"] == "cluster.member_up"
+    return healthy
+
+
+def _events(dockerd: Dockerd, name: str, *events: str) -> list[dict[str, Any]]:
+    """The JSON log events called one of ``events`` in a container's log, in order."""
     logs = dockerd.docker("logs", name, check=False)
     found = []
     for line in (logs.stdout + logs.stderr).splitlines():
@@ -262,6 +281,6 @@ def _events(dockerd: Dockerd, name: str, event: str) -> list[dict[str, Any]]:
             data = json.loads(line)
         except ValueError:
             continue
-        if isinstance(data, dict) and data.get("event") == event:
+        if isinstance(data, dict) and data.get("event") in events:
             found.append(data)
     return found
