@@ -10,9 +10,11 @@ and reloaded when its ConfigMap file changes, and ``docker stop`` ends it with s
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +27,14 @@ from tests.support.images import make_image, push_image
 from tests.support.kube import CHART, find, helm_binary, helm_template, materialise
 from tests.support.ports import free_port
 from tests.support.registry import RegistryProcess
+from tests.support.s3server import (
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    MotoServer,
+    aws_session,
+    make_bucket,
+)
 from tests.support.secure import TestCA, write_htpasswd
 from tests.support.skopeo import SkopeoError, copied_blob_digests, manifest_digest, skopeo_copy
 
@@ -163,3 +173,114 @@ async def test_node_config_daemonset_runs_in_image(
         assert inspect(dockerd, name)["State"]["Running"]  # it stays, to follow changes
     finally:
         dockerd.docker("rm", "-f", name, check=False)
+
+
+async def test_rendered_cluster_s3_deployment_runs_two_pods_in_image(
+        dockerd: Dockerd, mirrorcache_image: str, registry: RegistryProcess,
+        moto_server: MotoServer, unique_repo: str, tmp_path: Path) -> None:
+    """cluster-s3-values.yaml's Deployment as two pods of the built image on one moto bucket:
+    keys from the Secret as AWS_* env, POD_IP from the downward API (127.0.0.1 here, with a
+    listen port each, and the peers as a static list since no headless Service DNS exists
+    here), the peer secret mounted where cluster.secret_file says. Both pods pull at once:
+    each blob reaches upstream once, and the bytes are the ones pushed."""
+    if helm_binary() is None:
+        pytest.skip("helm not installed")
+    img = make_image([250_000, 60_000, 9_000], media="oci", seed=3)
+    await push_image(registry.url, unique_repo, img, "v1")
+    bucket = await make_bucket(moto_server)
+    ports = [free_port(), free_port()]
+    peers = {f"cluster.peers[{i}]": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    secrets: dict[str, dict[str, str | bytes]] = {
+        "minio-credentials": {"AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                              "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+        "mc-peers": {"secret": "a-peer-secret-both-pods-share-0123"},
+    }
+    names = [f"mc-s3-{i}-{uuid.uuid4().hex[:8]}" for i in range(2)]
+    async with CountingProxy(registry.url) as upstream:
+        try:
+            for i, (name, port) in enumerate(zip(names, ports, strict=True)):
+                manifests = helm_template([CHART / "ci" / "cluster-s3-values.yaml"], {
+                    "config.port": port,
+                    # POD_IP:port is how the peers know it; loopback only under --network host.
+                    "config.extra.listen": f"127.0.0.1:{port}",
+                    "config.upstreams.docker\\.io.url": upstream.url,
+                    "storage.s3.endpoint": moto_server.url,
+                    "storage.s3.bucket": bucket,
+                    "cluster.peerSecret.existingSecret": "mc-peers",
+                    **peers,
+                })
+                cfg = yaml.safe_load(find(manifests, "ConfigMap", "mc-mirrorcache")["data"]
+                                     ["mirrorcache.yaml"])
+                assert cfg["cluster"]["secret_file"] == "/etc/mirrorcache/cluster/secret"
+                assert cfg["storage"]["s3"]["local_cache"]["path"] == "/var/cache/mirrorcache"
+                pod = materialise(manifests, tmp_path / f"pod{i}", secrets, pod_ip="127.0.0.1")
+                assert pod.env["POD_IP"] == "127.0.0.1"
+                assert pod.env["AWS_ACCESS_KEY_ID"] == ACCESS_KEY
+                assert "/var/cache/mirrorcache" in pod.empty_dirs
+                dockerd.docker("run", "-d", "--name", name, "--network", "host",
+                               "-e", f"MIRRORCACHE_HEALTH_URL=http://127.0.0.1:{port}/healthz",
+                               *pod.docker_args(f"{name}-cache"), mirrorcache_image, *pod.args)
+            for name, port in zip(names, ports, strict=True):
+                await wait_ready(f"http://127.0.0.1:{port}/readyz", name, dockerd)
+            # Each pod is the member POD_IP:port says and knows both (static peers).
+            members = sorted(f"127.0.0.1:{p}" for p in ports)
+            for name, port in zip(names, ports, strict=True):
+                (started,) = _events(dockerd, name, "cluster.started")
+                assert started["member"] == f"127.0.0.1:{port}"
+                assert sorted(started["members"]) == members
+            # The first pod found the second not yet listening (cluster.member_down) and
+            # leaves it out of ownership until a probe succeeds: wait for that.
+            deadline = time.monotonic() + 30
+            for name, other in zip(names, reversed(ports), strict=True):
+                while not _peer_healthy(dockerd, name, f"127.0.0.1:{other}"):
+                    assert time.monotonic() < deadline, f"{name} never saw its peer up"
+                    await asyncio.sleep(0.2)
+            copies = await asyncio.gather(*[
+                skopeo_copy(f"127.0.0.1:{port}/docker.io/{unique_repo}:v1",
+                            tmp_path / f"out{i}") for i, port in enumerate(ports)])
+            for copy in copies:
+                assert manifest_digest(copy.dest_dir) == img.digest
+                assert copied_blob_digests(copy.dest_dir) == img.blob_digests
+            assert upstream.count("GET", "blob") == len(img.blob_digests)
+            async with aws_session().create_client(
+                    "s3", endpoint_url=moto_server.url, region_name=REGION) as s3:
+                listed = await s3.list_objects_v2(Bucket=bucket)
+            keys = [o["Key"] for o in listed.get("Contents", [])]
+            for digest in img.blob_digests:
+                assert any(digest.split(":")[1] in key for key in keys), (digest, keys)
+            for name in names:
+                dockerd.docker("stop", "-t", "20", name, timeout=60)
+                assert inspect(dockerd, name)["State"]["ExitCode"] == 0
+                logs = dockerd.docker("logs", name)
+                assert SECRET_KEY not in logs.stdout + logs.stderr
+                assert "a-peer-secret" not in logs.stdout + logs.stderr
+        finally:
+            for name in names:  # shown when the test fails
+                logs = dockerd.docker("logs", "--tail", "60", name, check=False)
+                print(f"--- {name}\n{logs.stdout}{logs.stderr}")
+                dockerd.docker("rm", "-f", "-v", name, check=False)
+                dockerd.docker("volume", "rm", "-f", f"{name}-cache", check=False)
+
+
+def _peer_healthy(dockerd: Dockerd, name: str, member: str) -> bool:
+    """Whether the container's log leaves ``member`` healthy (peers start healthy; each
+    cluster.member_down / cluster.member_up event flips that)."""
+    healthy = True
+    for event in _events(dockerd, name, "cluster.member_down", "cluster.member_up"):
+        if event.get("member") == member:
+            healthy = event["event"] == "cluster.member_up"
+    return healthy
+
+
+def _events(dockerd: Dockerd, name: str, *events: str) -> list[dict[str, Any]]:
+    """The JSON log events called one of ``events`` in a container's log, in order."""
+    logs = dockerd.docker("logs", name, check=False)
+    found = []
+    for line in (logs.stdout + logs.stderr).splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("event") in events:
+            found.append(data)
+    return found

@@ -153,16 +153,22 @@ class Dockerd:
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                shutil.rmtree(self._exec_root, ignore_errors=True)
-                raise DockerUnavailable(f"dockerd exited {self._proc.returncode}:\n"
-                                        + self.log_tail())
-            if self.sock.exists() and self.docker("version", check=False).returncode == 0:
+            rc = self._proc.poll()
+            if rc is not None:
+                self.stop()  # its mounts, the exec root
+                raise DockerUnavailable(f"dockerd ({driver}) exited {rc}:\n" + self.log_tail())
+            if self.sock.exists() and self._answers():
                 return self
             time.sleep(0.2)
         self.stop()
-        raise DockerUnavailable("dockerd did not answer in time:\n" + self.log_tail())
+        raise DockerUnavailable(f"dockerd ({driver}) did not answer in {timeout:.0f}s:\n"
+                                + self.log_tail())
+
+    def _answers(self) -> bool:
+        try:
+            return self.docker("version", check=False, timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -192,23 +198,61 @@ class Dockerd:
         return BASE_IMAGE
 
     def stop(self) -> None:
-        if self._proc is None:
+        """Remove leftover containers, SIGTERM dockerd (SIGKILL its process group after
+        30 s), then detach every mount it left under its data and exec roots (a killed
+        dockerd leaves its self-bind-mounted data root and netns files mounted, which makes
+        the directories impossible to delete) and delete both roots."""
+        proc, self._proc = self._proc, None
+        if proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
             try:
-                self._proc.wait(timeout=30)
+                ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
+                if ids:
+                    self.docker("rm", "-f", "-v", *ids, check=False, timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._proc = None
-        shutil.rmtree(self._exec_root, ignore_errors=True)
+                pass
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for root in (self.workdir / "data", self._exec_root):
+            unmount_under(root)
+            shutil.rmtree(root, ignore_errors=True)
+        left = mounts_under(self.workdir) + mounts_under(self._exec_root)
+        if left:
+            raise RuntimeError(f"dockerd left mounts that would not detach: {left}")
 
     def __enter__(self) -> Dockerd:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo path field (spaces and the like are octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root`` in this mount namespace, deepest first."""
+    prefix = str(root.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def unmount_under(root: Path) -> None:
+    """Lazily detach every mount at or below ``root`` (what dockerd left behind)."""
+    for point in mounts_under(root):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
 
 
 def wheelhouse(dest: Path, extras: str = "speed") -> Path:

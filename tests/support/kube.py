@@ -2,15 +2,17 @@
 
 :func:`helm_template` runs ``helm template`` and returns the manifests. :func:`materialise`
 takes the rendered Deployment and lays out on disk what a kubelet would give its container:
-every ConfigMap, Secret (from the ``secrets`` the test provides, as the chart only refers to
-existing Secrets), projected and emptyDir volume as a directory, the environment with
-``secretKeyRef`` and ``fieldRef`` resolved, and the container's args. The result can be
-mounted into the built image under dockerd at the same paths (:meth:`Pod.docker_args`), or
-checked on the host with the mount paths rebased under a temp dir (:meth:`Pod.rebased`).
+every ConfigMap, Secret (those the chart renders, and the ``secrets`` the test provides for
+the existing Secrets the chart refers to), projected and emptyDir volume as a directory, the
+environment with ``secretKeyRef`` and ``fieldRef`` resolved, and the container's args. The
+result can be mounted into the built image under dockerd at the same paths
+(:meth:`Pod.docker_args`), or checked on the host with the mount paths rebased under a
+temp dir (:meth:`Pod.rebased`).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -139,7 +141,10 @@ def materialise(manifests: list[dict[str, Any]], root: Path,
                 secrets: dict[str, dict[str, str | bytes]] | None = None,
                 pod_ip: str = "127.0.0.1") -> Pod:
     """Lay out the Deployment's volumes under ``root`` and resolve its env (see module doc)."""
-    secrets = secrets or {}
+    # Secrets the chart renders itself (the generated peer secret), then the test's own.
+    secrets = {**{m["metadata"]["name"]: {k: base64.b64decode(v) for k, v in
+                                          m.get("data", {}).items()}
+                  for m in manifests if m["kind"] == "Secret"}, **(secrets or {})}
     deployment = find(manifests, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     (container,) = spec["containers"]

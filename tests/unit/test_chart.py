@@ -7,6 +7,7 @@ Needs helm (``.ci/run`` installs it); skipped without it, failed without it when
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -49,6 +50,8 @@ def fake_secrets(tmp: Path) -> dict[str, dict[str, str | bytes]]:
     return {
         "hub-credentials": {"token": "hub-secret-token"},
         "ghcr-credentials": {"password": "ghcr-secret"},
+        "minio-credentials": {"AWS_ACCESS_KEY_ID": "minio-key",
+                              "AWS_SECRET_ACCESS_KEY": "minio-secret-key"},
         "mirror-users": {"htpasswd": htpasswd.read_text()},
         "mirror-tls": {"tls.crt": ca.cert.read_bytes(), "tls.key": ca.key.read_bytes()},
         # what cert-manager writes for the chart's Certificate
@@ -160,6 +163,88 @@ def test_security_context_and_storage_modes() -> None:
     assert "PersistentVolumeClaim" not in {m["kind"] for m in claim}
 
 
+def _config(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load(find(manifests, "ConfigMap", "mc-mirrorcache")["data"]
+                                         ["mirrorcache.yaml"])
+    return cfg
+
+
+def test_s3_irsa_values_render_s3_config_without_keys() -> None:
+    manifests = helm_template([CHART / "ci" / "s3-irsa-values.yaml"])
+    cfg = _config(manifests)
+    assert cfg["storage"] == {"s3": {
+        "bucket": "mirrorcache-prod", "region": "eu-west-1", "prefix": "mirror/",
+        "sse": "aws:kms", "kms_key_id": "alias/mirrorcache",
+        "storage_class": "INTELLIGENT_TIERING", "part_size": "16MiB",
+        "local_cache": {"path": "/var/cache/mirrorcache", "max_size": "8GiB"}}}
+    sa = find(manifests, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/mirrorcache"}
+    deployment = find(manifests, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    # IRSA: no AWS keys in the env; the HPA owns the replica count; pods roll one by one.
+    assert not any(e["name"].startswith("AWS_") for e in spec["containers"][0]["env"])
+    assert "replicas" not in deployment["spec"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert find(manifests, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+    assert "PersistentVolumeClaim" not in {m["kind"] for m in manifests}
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["cache"] == "/var/cache/mirrorcache"
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["cache"]["emptyDir"] == {"sizeLimit": "10Gi"}
+
+
+def test_cluster_values_wire_peers_secret_and_headless_service() -> None:
+    manifests = helm_template([CHART / "ci" / "cluster-s3-values.yaml"])
+    cfg = _config(manifests)
+    assert cfg["cluster"] == {
+        "peers": {"dns": "mc-mirrorcache-peers.mirrors.svc.cluster.local:5000"},
+        "secret_file": "/etc/mirrorcache/cluster/secret", "peer_request_timeout": "30s"}
+    assert cfg["storage"]["s3"]["endpoint_url"] == "http://minio.minio.svc:9000"
+    assert cfg["storage"]["s3"]["addressing_style"] == "path"
+    peers = find(manifests, "Service", "mc-mirrorcache-peers")["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert peers["selector"] == find(manifests, "Service", "mc-mirrorcache")["spec"]["selector"]
+    secret = find(manifests, "Secret", "mc-mirrorcache-peer")
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    deployment = find(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert find(manifests, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "minio-credentials",
+                                                         "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["key"] == "AWS_SECRET_ACCESS_KEY"
+    # A given peer Secret replaces the generated one; static peers replace the DNS name.
+    given = helm_template([CHART / "ci" / "cluster-s3-values.yaml"], {
+        "cluster.peerSecret.existingSecret": "peers", "cluster.peerSecret.key": "token",
+        "cluster.peers[0]": "10.0.0.1:5000", "cluster.peers[1]": "10.0.0.2:5000"})
+    assert "Secret" not in {m["kind"] for m in given}
+    assert _config(given)["cluster"]["peers"] == ["10.0.0.1:5000", "10.0.0.2:5000"]
+    vol = next(v for v in find(given, "Deployment")["spec"]["template"]["spec"]["volumes"]
+               if v["name"] == "cluster")
+    assert vol["secret"]["secretName"] == "peers"
+    assert vol["secret"]["items"] == [{"key": "token", "path": "secret"}]
+
+
+def test_filesystem_limits_retention_and_pins() -> None:
+    manifests = helm_template([CHART / "ci" / "filesystem-limits-pins-values.yaml"])
+    cfg = _config(manifests)
+    assert cfg["storage"] == {"filesystem": {"path": "/var/lib/mirrorcache"},
+                              "max_size": "45GiB", "high_watermark": 0.9,
+                              "low_watermark": 0.75}
+    assert cfg["retention"] == {"unused_for": "720h"}
+    assert cfg["pins"][0] == "docker.io/library/alpine:3.*"
+    assert "cluster" not in cfg
+    assert find(manifests, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+    # The defaults keep the config as it was: no limit, no retention, no pins.
+    plain = _config(helm_template([]))
+    assert plain["storage"] == {"filesystem": {"path": "/var/lib/mirrorcache"}}
+    assert not {"retention", "pins", "cluster"} & set(plain)
+
+
 def test_checksum_rolls_on_config_change_but_not_on_policy_change() -> None:
     def checksum(sets: dict[str, Any]) -> str:
         d = find(helm_template([], {"policy.enabled": True, **sets}), "Deployment")
@@ -171,16 +256,30 @@ def test_checksum_rolls_on_config_change_but_not_on_policy_change() -> None:
     assert checksum({"policy.rules[0].allow": "docker.io/**"}) == base
 
 
+S3 = {"storage.type": "s3", "storage.s3.bucket": "cache-bucket"}
+
+
 @pytest.mark.parametrize("sets, message", [
     ({"storage.type": "s3"}, "storage.s3.bucket: String length must be greater than or equal "
-                             "to 1"),
-    ({"storage.type": "s3", "storage.s3.bucket": "b"}, "storage.type=s3 requires a mirrorcache "
-                                                       "version with S3 storage"),
+                             "to 3"),
+    ({**S3, "storage.s3.bucket": "Not_A_Bucket"}, "storage.s3.bucket: Does not match pattern"),
+    ({**S3, "storage.s3.localCache.maxSize": ""}, "storage.s3.localCache.maxSize: Does not "
+                                                  "match pattern"),
+    ({**S3, "storage.maxSize": "10Gi"}, "with storage.type=s3 bound the local tier with "
+                                        "storage.s3.localCache.maxSize"),
+    ({**S3, "replicaCount": 2, "storage.s3.localCache.persistence.enabled": True},
+     "one ReadWriteOnce claim, which several replicas cannot share"),
+    ({**S3, "storage.s3.sse": "rot13"}, "storage.s3.sse must be one of the following"),
     ({"replicaCount": 3}, "replicaCount=3 needs shared storage"),
     ({"autoscaling.enabled": True}, "autoscaling.enabled needs shared storage"),
-    ({"cluster.enabled": True}, "cluster.enabled requires a mirrorcache version with cluster"),
-    ({"pins[0]": "docker.io/library/alpine:3.19"}, "pins require a mirrorcache version"),
-    ({"mirroring[0].from": "docker.io"}, "mirroring entries require"),
+    ({"cluster.enabled": True}, "cluster.enabled needs shared storage (storage.type=s3)"),
+    ({**S3, "cluster.enabled": True, "cluster.peers[0]": "no-port"}, "cluster.peers.0: Does "
+                                                                     "not match pattern"),
+    ({"cluster.secret": "x"}, "Additional property secret is not allowed"),
+    ({"pins[0]": "docker.io/library/alpine 3"}, "pins.0: Does not match pattern"),
+    ({"retention.unusedFor": "forever"}, "retention.unusedFor"),
+    ({"mirroring[0].from": "docker.io"}, "mirroring entries (scheduled mirroring) are not "
+                                         "implemented"),
     ({"config.log.level": "loud"}, "config.log.level must be one of the following: \"debug\""),
     ({"storage.type": "nfs"}, "storage.type must be one of the following: \"filesystem\", "
                               "\"s3\""),

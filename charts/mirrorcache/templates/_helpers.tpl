@@ -60,10 +60,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.tls.enabled -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
-{{/* "true" when replicas can share the cache (no such storage in this version yet). */}}
+{{/* "true" when replicas can share the cache (the S3 backend). */}}
 {{- define "mirrorcache.sharedStorage" -}}
 {{- if eq .Values.storage.type "s3" -}}true{{- end -}}
 {{- end -}}
+
+{{/* "true" when the pods form a cluster (peers coalesce fetches between replicas). */}}
+{{- define "mirrorcache.clusterEnabled" -}}
+{{- if .Values.cluster.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (10Gi, 500M) as a mirrorcache size (10GiB, 500M). */}}
+{{- define "mirrorcache.size" -}}
+{{- if hasSuffix "i" . -}}{{ . }}B{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
+
+{{/* Where the cache volume is mounted: the filesystem store, or the S3 local tier. */}}
+{{- define "mirrorcache.cachePath" -}}
+{{- if eq .Values.storage.type "s3" -}}{{ .Values.storage.s3.localCache.path }}{{- else -}}{{ .Values.storage.filesystem.path }}{{- end -}}
+{{- end -}}
+
+{{- define "mirrorcache.peerSecretName" -}}
+{{- default (printf "%s-peer" (include "mirrorcache.fullname" .)) .Values.cluster.peerSecret.existingSecret -}}
+{{- end -}}
+
+{{- define "mirrorcache.peersServiceName" -}}
+{{- printf "%s-peers" (include "mirrorcache.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "mirrorcache.clusterDir" -}}/etc/mirrorcache/cluster{{- end -}}
 
 {{/*
 Refuse values this mirrorcache version cannot serve, with a message saying why.
@@ -71,23 +95,28 @@ Included by the ConfigMap, so every render checks it.
 */}}
 {{- define "mirrorcache.validate" -}}
 {{- $v := .Values -}}
-{{- if eq $v.storage.type "s3" -}}
-{{- fail "storage.type=s3 requires a mirrorcache version with S3 storage; this chart's mirrorcache (appVersion 0.1.0) supports storage.type=filesystem only" -}}
-{{- end -}}
-{{- if $v.cluster.enabled -}}
-{{- fail "cluster.enabled requires a mirrorcache version with cluster peers; not supported by appVersion 0.1.0" -}}
-{{- end -}}
 {{- if $v.mirroring -}}
-{{- fail "mirroring entries require a mirrorcache version with mirroring; not supported by appVersion 0.1.0: set mirroring: []" -}}
-{{- end -}}
-{{- if $v.pins -}}
-{{- fail "pins require a mirrorcache version with pins; not supported by appVersion 0.1.0: set pins: []" -}}
+{{- fail "mirroring entries (scheduled mirroring) are not implemented by this mirrorcache version (appVersion 0.1.0): set mirroring: [] (pins keep images cached: see pins)" -}}
 {{- end -}}
 {{- if and (gt (int $v.replicaCount) 1) (not (include "mirrorcache.sharedStorage" .)) -}}
 {{- fail (printf "replicaCount=%d needs shared storage: a filesystem cache (with its sqlite metadata) belongs to one pod; use replicaCount: 1 or storage.type=s3" (int $v.replicaCount)) -}}
 {{- end -}}
 {{- if and $v.autoscaling.enabled (not (include "mirrorcache.sharedStorage" .)) -}}
 {{- fail "autoscaling.enabled needs shared storage (storage.type=s3): a filesystem cache belongs to one pod" -}}
+{{- end -}}
+{{- if and $v.cluster.enabled (not (include "mirrorcache.sharedStorage" .)) -}}
+{{- fail "cluster.enabled needs shared storage (storage.type=s3): cluster peers are replicas sharing one bucket" -}}
+{{- end -}}
+{{- if eq $v.storage.type "s3" -}}
+{{- if and $v.storage.s3.localCache.persistence.enabled (or (gt (int $v.replicaCount) 1) $v.autoscaling.enabled) (not $v.storage.s3.localCache.persistence.existingClaim) -}}
+{{- fail "storage.s3.localCache.persistence.enabled gives one ReadWriteOnce claim, which several replicas cannot share: use the emptyDir local tier (persistence.enabled: false) with replicaCount > 1 or autoscaling" -}}
+{{- end -}}
+{{- if and (or (gt (int $v.replicaCount) 1) $v.autoscaling.enabled) $v.storage.s3.localCache.persistence.existingClaim -}}
+{{- fail "storage.s3.localCache.persistence.existingClaim is one volume for one pod: not with replicaCount > 1 or autoscaling" -}}
+{{- end -}}
+{{- if $v.storage.maxSize -}}
+{{- fail "storage.maxSize bounds the filesystem cache; with storage.type=s3 bound the local tier with storage.s3.localCache.maxSize (the bucket is not size-limited here)" -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.tls.enabled (not $v.tls.existingSecret) (not $v.tls.certManager.enabled) -}}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled" -}}
@@ -127,11 +156,31 @@ Included by the ConfigMap, so every render checks it.
   "workers" (int $v.config.workers)
   "event_loop" $v.config.eventLoop
   "shutdown_grace" $v.config.shutdownGrace
-  "storage" (dict "filesystem" (dict "path" $v.storage.filesystem.path))
+  "storage" (include "mirrorcache.storageConfig" . | fromYaml)
   "upstreams" $upstreams
   "log" (dict "level" $v.config.log.level "format" $v.config.log.format) -}}
 {{- if $v.config.defaultUpstream -}}
 {{- $_ := set $cfg "default_upstream" $v.config.defaultUpstream -}}
+{{- end -}}
+{{- with $v.retention.unusedFor -}}
+{{- $_ := set $cfg "retention" (dict "unused_for" .) -}}
+{{- end -}}
+{{- with $v.pins -}}
+{{- $_ := set $cfg "pins" . -}}
+{{- end -}}
+{{- if $v.cluster.enabled -}}
+{{- $c := $v.cluster -}}
+{{- $peers := $c.peers -}}
+{{- if not $peers -}}
+{{- $peers = dict "dns" (printf "%s.%s.svc.%s:%d" (include "mirrorcache.peersServiceName" .) .Release.Namespace $c.clusterDomain (int $v.config.port)) -}}
+{{- end -}}
+{{- $cluster := dict "peers" $peers "secret_file" (printf "%s/%s" (include "mirrorcache.clusterDir" .) "secret") -}}
+{{- range $key, $name := dict "ownerFirstByteTimeout" "owner_first_byte_timeout" "peerRequestTimeout" "peer_request_timeout" "probeInterval" "probe_interval" "dnsInterval" "dns_interval" -}}
+{{- with index $c $key -}}
+{{- $_ := set $cluster $name . -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "cluster" $cluster -}}
 {{- end -}}
 {{- if $v.policy.enabled -}}
 {{- $_ := set $cfg "policy" (dict "file" (printf "%s/policy.yaml" (include "mirrorcache.policyDir" .)) "reload_interval" $v.policy.reloadInterval) -}}
@@ -153,6 +202,40 @@ Included by the ConfigMap, so every render checks it.
 {{- $_ := set $cfg "tls" (dict "cert" (printf "%s/tls.crt" (include "mirrorcache.tlsDir" .)) "key" (printf "%s/tls.key" (include "mirrorcache.tlsDir" .))) -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $cfg $v.config.extra) -}}
+{{- end -}}
+
+{{/* The config's storage section for storage.type. */}}
+{{- define "mirrorcache.storageConfig" -}}
+{{- $st := .Values.storage -}}
+{{- $out := dict -}}
+{{- if eq $st.type "s3" -}}
+{{- $s3 := $st.s3 -}}
+{{- $c := dict "bucket" $s3.bucket -}}
+{{- range $key, $name := dict "region" "region" "endpoint" "endpoint_url" "prefix" "prefix" "addressingStyle" "addressing_style" "sse" "sse" "kmsKeyId" "kms_key_id" "storageClass" "storage_class" "redirectExpiry" "redirect_expiry" "metadataTtl" "metadata_ttl" -}}
+{{- with index $s3 $key -}}
+{{- $_ := set $c $name . -}}
+{{- end -}}
+{{- end -}}
+{{- with $s3.partSize -}}
+{{- $_ := set $c "part_size" (include "mirrorcache.size" .) -}}
+{{- end -}}
+{{- with $s3.maxParallelParts -}}
+{{- $_ := set $c "max_parallel_parts" (int .) -}}
+{{- end -}}
+{{- if $s3.redirect -}}
+{{- $_ := set $c "redirect" true -}}
+{{- end -}}
+{{- $_ := set $c "local_cache" (dict "path" $s3.localCache.path "max_size" (include "mirrorcache.size" $s3.localCache.maxSize)) -}}
+{{- $_ := set $out "s3" $c -}}
+{{- else -}}
+{{- $_ := set $out "filesystem" (dict "path" $st.filesystem.path) -}}
+{{- with $st.maxSize -}}
+{{- $_ := set $out "max_size" (include "mirrorcache.size" .) -}}
+{{- $_ := set $out "high_watermark" $st.highWatermark -}}
+{{- $_ := set $out "low_watermark" $st.lowWatermark -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $out -}}
 {{- end -}}
 
 {{/* The policy file (policy.enabled without existingConfigMap). */}}
