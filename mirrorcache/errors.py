@@ -184,24 +184,51 @@ def is_client_disconnect(request: web.BaseRequest, exc: BaseException) -> bool:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as OCI error JSON; never leak a traceback."""
-    head = request.method == "HEAD"
     try:
         return await handler(request)
-    except OCIError as err:
-        return error_response(err, head=head)
-    except web.HTTPMethodNotAllowed:
+    except Exception as exc:
+        return render_exception(request, exc)
+
+
+def render_exception(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """The OCI error response for ``exc``; a client disconnect is re-raised (not ours). A
+    500 always logs an error event: it is our own failure, whatever raised it."""
+    head = request.method == "HEAD"
+    if isinstance(exc, OCIError):
+        if exc.status == 500:
+            log.error("request.server_error", method=request.method, path=request.path[:512],
+                      code=exc.code, message=exc.message)
+        return error_response(exc, head=head)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return error_response(OCIError(ErrorCode.UNSUPPORTED,
                                        f"method {request.method} not supported"), head=head)
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return error_response(OCIError(ErrorCode.NAME_UNKNOWN, "no such endpoint", status=404),
                               head=head)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         code = _STATUS_CODES.get(exc.status, ErrorCode.UNKNOWN)
         return error_response(OCIError(code, exc.reason, status=exc.status), head=head)
+    if is_client_disconnect(request, exc):
+        raise exc  # not an error of ours: the access log records it, once
+    log.error("request.unhandled_error", method=request.method, path=request.path,
+              exc_info=exc)
+    return error_response(OCIError(ErrorCode.UNKNOWN, "internal error"), head=head)
+
+
+async def send_response(request: web.BaseRequest, resp: web.StreamResponse
+                        ) -> web.StreamResponse:
+    """Send a handler's response (outside the error middleware: the access log sends it, to
+    count the bytes). A response that fails before its status line went out (an in-flight
+    blob whose download failed after the handler returned) is answered like any handler
+    error, never with aiohttp's bare 500; the response sent is returned."""
+    try:
+        await resp.prepare(request)
     except Exception as exc:
-        if is_client_disconnect(request, exc):
-            raise  # not an error of ours: the access log records it, once
-        log.exception("request.unhandled_error", method=request.method, path=request.path)
-        return error_response(OCIError(ErrorCode.UNKNOWN, "internal error"), head=head)
+        if resp.prepared:
+            raise
+        resp = render_exception(request, exc)
+        await resp.prepare(request)
+    await resp.write_eof()
+    return resp

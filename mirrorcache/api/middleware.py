@@ -24,7 +24,7 @@ from mirrorcache.api.keys import (
 )
 from mirrorcache.api.services import SERVICES
 from mirrorcache.cluster.client import PREFIX as PEER_PREFIX
-from mirrorcache.errors import Handler, is_client_disconnect
+from mirrorcache.errors import Handler, is_client_disconnect, send_response
 from mirrorcache.log import redact_query
 
 log = structlog.get_logger("mirrorcache.access")
@@ -39,8 +39,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     try:
         resp = await handler(request)
         if not resp.prepared:
-            await resp.prepare(request)
-            await resp.write_eof()
+            resp = await send_response(request, resp)
         return resp
     except Exception as exc:
         if not is_client_disconnect(request, exc):

@@ -91,7 +91,13 @@ class PeerClient:
                           hint="every replica needs the same cluster.secret_file")
                 raise PeerUnavailable("error", "owner refused our signature")
             if resp.status in RELAYED:
-                body = await resp.content.read(64 * 1024)
+                try:
+                    body = await asyncio.wait_for(resp.content.read(64 * 1024),
+                                                  self._cfg.peer_request_timeout)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    # Not an answer: an owner cut short is one that could not answer.
+                    raise PeerUnavailable("error", f"refusal body: {type(exc).__name__}"
+                                          ) from None
                 raise error_from_upstream(resp.status, body, ErrorCode.BLOB_UNKNOWN
                                           if kind == "blobs" else ErrorCode.MANIFEST_UNKNOWN)
             if resp.status != 200:
@@ -195,6 +201,10 @@ class OwnerFirst:
                 except PeerUnavailable as exc:
                     self._client._fallback("blob", self._member, self._target, str(digest),
                                            exc)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    # Whatever else failed on the way to the owner: still upstream's turn.
+                    self._client._fallback("blob", self._member, self._target, str(digest),
+                                           PeerUnavailable("error", type(exc).__name__))
                 except OCIError:
                     self._client._metrics.peer_requests.labels("blob", "refused").inc()
                     raise

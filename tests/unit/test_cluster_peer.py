@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from mirrorcache.cluster import signing
-from mirrorcache.cluster.client import PeerClient
+from mirrorcache.cluster.client import OwnerFirst, PeerClient
 from mirrorcache.cluster.membership import Membership
 from mirrorcache.config import ClusterConfig
 from mirrorcache.metrics import Metrics
@@ -123,3 +124,55 @@ async def test_probe_does_not_read_an_endless_healthz_body() -> None:
         m = Membership(cfg, session)
         ok, error = await asyncio.wait_for(m.probe(host), 5)
         assert (ok, error) == (True, None)
+
+
+class _Upstream:
+    """Upstream for OwnerFirst's fallback: the whole blob, counted."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    @asynccontextmanager
+    async def open_blob(self, repo: str, digest: Digest, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[str]:
+        self.opened += 1
+        yield "upstream body"
+
+
+async def test_owner_refusal_cut_short_falls_back_to_upstream() -> None:
+    """An owner whose 404 body breaks off (it died answering) did not answer: the asker
+    fetches upstream (cluster.peer_fallback), it does not crash the download into a 500."""
+
+    async def cut_404(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=404)
+        resp.content_length = 10_000
+        await resp.prepare(request)
+        await resp.write(b'{"errors": [')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/_mirrorcache/peer/v1/blobs/{digest}", cut_404)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            cfg = ClusterConfig(peers=("127.0.0.9:1", host), self_address="127.0.0.9:1",
+                                secret="s" * 32, peer_request_timeout=2.0)
+            metrics = Metrics()
+            client = PeerClient(Membership(cfg, session), session, metrics)
+            upstream = _Upstream()
+            source = OwnerFirst(client, host, Target("docker.io", "library/x"), upstream)
+            with structlog.testing.capture_logs() as logs:
+                async with source.open_blob("library/x", DIGEST) as body:
+                    assert body == "upstream body"  # type: ignore[comparison-overlap]
+            assert upstream.opened == 1
+            assert source.owner_failed
+            assert [e["event"] for e in logs] == ["cluster.peer_fallback"]
+            assert metrics.peer_fallbacks.labels("blob")._value.get() == 1
+    finally:
+        await runner.cleanup()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from mirrorcache.api.inflight import InflightBlobResponse
+from mirrorcache.api.middleware import access_log_middleware
 from mirrorcache.errors import (
     CODES,
     ErrorCode,
@@ -21,6 +23,9 @@ from mirrorcache.errors import (
     error_middleware,
     error_response,
 )
+from mirrorcache.oci.reference import Digest
+from mirrorcache.proxy.download import Download
+from mirrorcache.proxy.routing import Target
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
@@ -249,3 +254,44 @@ def test_a_misspelt_code_is_a_type_error(tmp_path: Path, monkeypatch: pytest.Mon
     assert status == 1
     errors = [line.split(":", 2)[1] for line in out.splitlines() if ": error:" in line]
     assert errors == ["3", "4"], out
+
+
+def _failed_download(error: OCIError) -> Download:
+    dl = Download(Target("docker.io", "library/x"), Digest.parse("sha256:" + "a" * 64))
+    dl.size = 1000
+    dl.error = error  # failed after the handler returned it as an in-flight blob
+    return dl
+
+
+async def _no_remainder(start: int, end: int) -> AsyncGenerator[bytes]:
+    raise AssertionError("not a storage failure")
+    yield b""  # pragma: no cover
+
+
+@pytest.mark.parametrize(("error", "status", "logged"), [
+    (OCIError(ErrorCode.UNAVAILABLE, "owner stream broke, upstream down", status=503), 503,
+     False),
+    (OCIError(ErrorCode.UNKNOWN, "in-flight blob shorter than announced"), 500, True),
+])
+async def test_response_failing_before_its_head_is_an_oci_error(
+        aiohttp_client: ClientFactory, error: OCIError, status: int, logged: bool) -> None:
+    """The access log sends the handler's response outside the error middleware: an in-flight
+    blob whose download fails before the status line went out (a cluster peer's stream that
+    broke, say) is answered as OCI JSON with the download's status, not aiohttp's bare 500
+    logged as nothing but a protocol note; and a 500 logs an error event."""
+
+    async def inflight(request: web.Request) -> web.StreamResponse:
+        return InflightBlobResponse(_failed_download(error), {}, _no_remainder)
+
+    app = web.Application(middlewares=[access_log_middleware, error_middleware])
+    app.router.add_get("/inflight", inflight)
+    client = await aiohttp_client(app)
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.get("/inflight")
+        body = await resp.json()
+    assert resp.status == status
+    assert body == {"errors": [{"code": error.code, "message": error.message}]}
+    assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == (["request.server_error"] if logged else [])
+    assert [e["event"] for e in logs if e["event"] == "http.protocol_error"] == []
