@@ -35,31 +35,46 @@ from mirrorcache.storage.s3 import S3BlobStore, S3BlobWriter
 log = structlog.get_logger("mirrorcache.storage.tiered")
 
 
-class TieredBlobWriter:
-    """An S3 write whose verified spool file becomes the local copy at commit."""
+class _TierWriter:
+    """What both tier writers pass straight to the writer they wrap."""
 
-    def __init__(self, store: TieredBlobStore, inner: S3BlobWriter) -> None:
+    def __init__(self, store: TieredBlobStore, inner: S3BlobWriter | FsBlobWriter) -> None:
         self._store = store
-        self._inner = inner
+        self._wrapped = inner
         self.digest = inner.digest
 
     @property
     def size(self) -> int:
-        return self._inner.size
+        return self._wrapped.size
 
     @property
     def local_path(self) -> Path | None:
-        return self._inner.local_path
+        return self._wrapped.local_path
+
+    async def write(self, chunk: bytes) -> None:
+        await self._wrapped.write(chunk)
+
+    async def flush(self) -> None:
+        await self._wrapped.flush()
+
+    async def cancel(self) -> None:
+        await self._wrapped.cancel()
+
+    @property
+    def finished(self) -> bool:
+        return self._wrapped.finished
+
+
+class TieredBlobWriter(_TierWriter):
+    """An S3 write whose verified spool file becomes the local copy at commit."""
+
+    def __init__(self, store: TieredBlobStore, inner: S3BlobWriter) -> None:
+        super().__init__(store, inner)
+        self._inner = inner
 
     @property
     def upload_id(self) -> str | None:
         return self._inner.upload_id
-
-    async def write(self, chunk: bytes) -> None:
-        await self._inner.write(chunk)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
 
     async def verify(self) -> None:
         await self._inner.verify()
@@ -71,35 +86,13 @@ class TieredBlobWriter:
         self._store.adopt(spool, info)
         return info
 
-    async def cancel(self) -> None:
-        await self._inner.cancel()
 
-    @property
-    def finished(self) -> bool:
-        return self._inner.finished
-
-
-class TieredLocalWriter:
+class TieredLocalWriter(_TierWriter):
     """A write into the local tier alone, counted in its LRU at commit."""
 
     def __init__(self, store: TieredBlobStore, inner: FsBlobWriter) -> None:
-        self._store = store
+        super().__init__(store, inner)
         self._inner = inner
-        self.digest = inner.digest
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    @property
-    def local_path(self) -> Path | None:
-        return self._inner.local_path
-
-    async def write(self, chunk: bytes) -> None:
-        await self._inner.write(chunk)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
 
     async def commit(self) -> BlobInfo:
         info = await self._inner.commit()
@@ -109,13 +102,6 @@ class TieredLocalWriter:
         else:
             self._store._note(info.digest, info.size)
         return info
-
-    async def cancel(self) -> None:
-        await self._inner.cancel()
-
-    @property
-    def finished(self) -> bool:
-        return self._inner.finished
 
 
 class TieredBlobStore:
