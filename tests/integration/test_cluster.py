@@ -21,11 +21,10 @@ from mirrorcache.cluster import signing
 from mirrorcache.proxy.owners import blob_key, tag_key
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import Image, make_image, push_image
-from tests.support.mirrorcluster import SECRET, MirrorCluster
+from tests.support.mirrorcluster import SECRET, MirrorCluster, kill_owner_mid_download
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import skopeo_copy
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -211,31 +210,12 @@ async def test_owner_killed_mid_download_replicas_fall_back_to_upstream(
     async with CountingProxy(registry.url) as proxy, \
             MirrorCluster(tmp_path / "c", proxy.url) as cluster, \
             aiohttp.ClientSession() as http:
-        owner = cluster.owner(blob_key(layer.digest))
-        others = [r for r in cluster.replicas if r is not owner]
-        # The owner's upstream fetch is slow (30 ms per 64 KiB: ~4 s for 8 MiB).
-        proxy.add_fault(Fault.slow(0.03, method="GET", kind="blob"))
-
-        async def get(r: MirrorProcess) -> str:
-            async with http.get(f"{r.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
-                assert resp.status == 200
-                return sha(await resp.read())
-
-        clients = [asyncio.ensure_future(get(r)) for r in others for _ in range(3)]
-
-        def spooled(r: MirrorProcess) -> int:
-            return max((p.stat().st_size for p in (r.workdir / "cache" / "tmp").iterdir()
-                        if not p.name.endswith(".lock")), default=0)
-
-        await wait_until(lambda: all(spooled(r) > 1 << 20 for r in others), timeout=20,
-                         what="both replicas receiving the owner's stream")
-        owner.kill_all()
-        assert await asyncio.gather(*clients) == [layer.digest] * 6
-        gets = [s for s in proxy.matching("GET", "blob") if s.path.endswith(layer.digest)]
+        others, bodies, gets = await kill_owner_mid_download(
+            cluster, proxy, http, unique_repo, layer.digest, "cache")
+        assert bodies == [layer.digest] * 6
         # The owner's one GET, then one Range resume per surviving replica.
-        print(f"\nowner killed mid-download: {len(gets)} upstream GETs "
-              f"({len(gets) - 1} extra, resumes)")
-        assert len(gets) == 1 + len(others)
+        print(f"\nowner killed mid-download: {gets} upstream GETs ({gets - 1} extra, resumes)")
+        assert gets == 1 + len(others)
         for r in others:
             assert await cluster.metric(r, "mirrorcache_peer_fallbacks_total") == 1
             hexd = layer.digest.removeprefix("sha256:")

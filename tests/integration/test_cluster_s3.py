@@ -23,7 +23,7 @@ import pytest
 from mirrorcache.proxy.owners import blob_key, manifest_key, tag_key
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import Image, make_image, push_image
-from tests.support.mirrorcluster import MirrorCluster
+from tests.support.mirrorcluster import MirrorCluster, kill_owner_mid_download
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
 from tests.support.s3server import REGION, MotoServer, aws_env, aws_session, make_bucket
@@ -301,29 +301,11 @@ async def test_owner_killed_mid_download_no_corrupt_object_in_s3(
     await push_image(registry.url, unique_repo, image, "v1")
     async with s3_cluster(tmp_path, upstream, shared) as cluster, \
             aiohttp.ClientSession() as http:
-        owner = cluster.owner(blob_key(layer.digest))
-        others = [r for r in cluster.replicas if r is not owner]
-        # The owner's upstream fetch is slow (30 ms per 64 KiB: ~4 s for 8 MiB).
-        upstream.add_fault(Fault.slow(0.03, method="GET", kind="blob"))
-
-        async def get(r: MirrorProcess) -> str:
-            async with http.get(f"{r.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
-                assert resp.status == 200
-                return sha(await resp.read())
-
-        clients = [asyncio.ensure_future(get(r)) for r in others for _ in range(3)]
-
-        def spooled(r: MirrorProcess) -> int:
-            return max((p.stat().st_size for p in (r.workdir / "tier" / "tmp").iterdir()
-                        if not p.name.endswith(".lock")), default=0)
-
-        await wait_until(lambda: all(spooled(r) > 1 << 20 for r in others), timeout=20,
-                         what="both replicas receiving the owner's stream")
-        owner.kill_all()
-        assert await asyncio.gather(*clients) == [layer.digest] * 6
-        gets = [s for s in upstream.matching("GET", "blob") if s.path.endswith(layer.digest)]
+        others, bodies, gets = await kill_owner_mid_download(
+            cluster, upstream, http, unique_repo, layer.digest, "tier")
+        assert bodies == [layer.digest] * 6
         # The owner's one GET, then one Range resume per surviving replica.
-        assert len(gets) == 1 + len(others)
+        assert gets == 1 + len(others)
         # The owner died before publishing: a survivor uploads its verified copy (each
         # checks S3 first; both may, when they finish together). Never a corrupt object.
         objs = await shared.wait_for([layer.digest])
@@ -340,10 +322,12 @@ async def test_owner_killed_mid_download_no_corrupt_object_in_s3(
         await wait_until(lambda: published() >= made, timeout=10,
                          what="every upload logged by the survivor that made it")
         assert published() == made
-        print(f"\nowner killed mid-download: {len(gets)} upstream GETs ({len(gets) - 1} "
+        print(f"\nowner killed mid-download: {gets} upstream GETs ({gets - 1} "
               f"extra, Range resumes); S3 objects written for the blob by survivors: {made}")
         # The rest is served from S3 / the tiers: a fresh pull costs no upstream GET.
         upstream.reset()
         for r in others:
-            assert await get(r) == layer.digest
+            async with http.get(f"{r.url}/v2/{unique_repo}/blobs/{layer.digest}") as resp:
+                assert resp.status == 200
+                assert sha(await resp.read()) == layer.digest
         assert upstream.count("GET", "blob") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,10 @@ import aiohttp
 import yaml
 
 from mirrorcache.cluster import hrw
+from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.mirror import mirror_config
 from tests.support.mirrorproc import MirrorProcess
+from tests.support.waiting import wait_until
 
 SECRET = "test-cluster-secret-0123456789abcdef"
 
@@ -105,3 +108,34 @@ class MirrorCluster:
         for r in self.replicas:
             if r.proc is not None and r.proc.poll() is None:
                 r.kill_all() if et is not None else await r.stop()
+
+
+async def kill_owner_mid_download(cluster: MirrorCluster, upstream: CountingProxy,
+                                  http: aiohttp.ClientSession, repo: str, digest: str,
+                                  spool: str) -> tuple[list[MirrorProcess], list[str], int]:
+    """Three clients per non-owner pull ``digest`` while its owner's slow upstream fetch
+    streams to them; the owner is SIGKILLed once both are receiving (their spool under
+    ``<workdir>/<spool>/tmp`` past 1 MiB). Returns the survivors, the sha256 of every body
+    the clients got, and how many upstream GETs of the blob there were."""
+    owner = cluster.owner(f"blob:{digest}")
+    others = [r for r in cluster.replicas if r is not owner]
+    # The owner's upstream fetch is slow (30 ms per 64 KiB: ~4 s for 8 MiB).
+    upstream.add_fault(Fault.slow(0.03, method="GET", kind="blob"))
+
+    async def get(r: MirrorProcess) -> str:
+        async with http.get(f"{r.url}/v2/{repo}/blobs/{digest}") as resp:
+            assert resp.status == 200
+            return "sha256:" + hashlib.sha256(await resp.read()).hexdigest()
+
+    clients = [asyncio.ensure_future(get(r)) for r in others for _ in range(3)]
+
+    def spooled(r: MirrorProcess) -> int:
+        return max((p.stat().st_size for p in (r.workdir / spool / "tmp").iterdir()
+                    if not p.name.endswith(".lock")), default=0)
+
+    await wait_until(lambda: all(spooled(r) > 1 << 20 for r in others), timeout=20,
+                     what="both replicas receiving the owner's stream")
+    owner.kill_all()
+    bodies = list(await asyncio.gather(*clients))
+    gets = [s for s in upstream.matching("GET", "blob") if s.path.endswith(digest)]
+    return others, bodies, len(gets)
