@@ -97,6 +97,15 @@ class InflightBlobResponse(_RangedBlobResponse):
             return self._writer
         dl = self._dl
         start, end = self._apply_range(request)
+        dl.reader_at(self, start)  # the spool's pages behind every reader may go
+        try:
+            return await self._send(request, start, end)
+        finally:
+            dl.reader_left(self)
+
+    async def _send(self, request: web.BaseRequest, start: int, end: int
+                    ) -> AbstractStreamWriter | None:
+        dl = self._dl
         pos = start
         try:
             # Fail cleanly (OCI JSON, before the status line) if not even the first byte comes.
@@ -114,6 +123,7 @@ class InflightBlobResponse(_RangedBlobResponse):
                         limit = await dl.available(pos, end)
                     await self._send_range(request, f, pos, limit - pos)
                     pos = limit
+                    dl.reader_at(self, pos)
             except CacheWriteFailed:
                 await self._finish_uncached(request, pos, end)
                 return self._writer

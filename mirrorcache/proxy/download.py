@@ -47,6 +47,13 @@ UPSTREAM_CHUNK = 1 << 20
 #: The fast path's receive buffer: filled from the upstream socket, then hashed and written
 #: to the spool in one go; readers hear of each filled buffer (their sendfile stretch).
 DIRECT_BUFFER = 1 << 20
+#: The receiving thread tells readers of this many new bytes at a time (a sendfile each)...
+NOTIFY_BYTES = 4 << 20
+#: ... or of fewer once this long passed since it last told them.
+NOTIFY_SECONDS = 0.02
+#: Drop-behind: a direct download lets the page cache of its spool go this far behind its
+#: slowest reader (:meth:`ReleasesBehind.release`).
+KEEP_BEHIND = 64 << 20
 #: After a storage failure, serve straight from upstream for this long before trying again.
 BYPASS_SECONDS = 30.0
 #: Range requests to resume one broken upstream body before giving up.
@@ -59,6 +66,10 @@ class DownloadFailed(OCIError):
 class CacheWriteFailed(DownloadFailed):
     """Storage failed under an in-flight download: its readers continue straight from
     upstream (:meth:`BlobService.remainder`) instead of being cut."""
+
+
+#: ``Download.readers_low`` when nobody reads the spool.
+NO_READER = 1 << 62
 
 
 class Download:
@@ -82,6 +93,21 @@ class Download:
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
         self._changed = asyncio.Event()
+        #: Where each reader of the spool has got to (by reader token), and the lowest of
+        #: them (read by the receiving thread: an int, replaced whole).
+        self._readers: dict[object, int] = {}
+        self.readers_low = NO_READER
+
+    def reader_at(self, reader: object, pos: int) -> None:
+        """A reader of the spool has sent everything before ``pos`` (or starts there)."""
+        old = self._readers.get(reader)
+        self._readers[reader] = pos
+        if old is None or old == self.readers_low or pos < self.readers_low:
+            self.readers_low = min(self._readers.values())
+
+    def reader_left(self, reader: object) -> None:
+        if self._readers.pop(reader, None) is not None:
+            self.readers_low = min(self._readers.values(), default=NO_READER)
 
     def notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
@@ -256,6 +282,13 @@ class DirectWriter(Protocol):
     def write_direct(self, data: memoryview) -> None: ...
 
 
+@runtime_checkable
+class ReleasesBehind(Protocol):
+    """A DirectWriter whose spool's page cache can go behind its readers (FsBlobWriter)."""
+
+    def release(self, until: int) -> None: ...
+
+
 async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
     """Copy an upstream body into the writer; None when it ended, else why it broke."""
     if isinstance(w, DirectWriter):
@@ -311,11 +344,21 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         area = mmap.mmap(-1, DIRECT_BUFFER)
         buf = memoryview(area)
         result: str | BaseException | None = None
+        release = w.release if isinstance(w, ReleasesBehind) else None
+        told, told_at = 0, 0.0
         try:
             while raw.remaining:
                 n = raw.recv_into(buf)
                 w.write_direct(buf[:n])
-                if not pending.is_set():
+                if release is not None:
+                    release(min(dl.readers_low, w.size) - KEEP_BEHIND)
+                # Readers hear of NOTIFY_BYTES at a time (each wake-up is a sendfile), or
+                # of less once NOTIFY_SECONDS passed (a slow upstream); the end is told
+                # when the thread is done.
+                if ((w.size - told >= NOTIFY_BYTES
+                     or time.monotonic() - told_at >= NOTIFY_SECONDS)
+                        and not pending.is_set()):
+                    told, told_at = w.size, time.monotonic()
                     pending.set()
                     loop.call_soon_threadsafe(progress)
         except UpstreamBodyBroken as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -42,6 +43,10 @@ WRITE_BATCH = 1 << 20
 MAX_PENDING_WRITES = 4
 #: Chunks per writev (well under IOV_MAX).
 MAX_IOVEC = 256
+#: Drop-behind (:meth:`FsBlobWriter.release`): writeback of a spool is started in stretches
+#: of this size as they land.
+WRITEBACK_STEP = 16 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class FsBlobWriter:
@@ -63,6 +68,8 @@ class FsBlobWriter:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self.finished = False
+        self._writeback_from = 0  # drop-behind: writeback started below this offset
+        self._dropped_until = 0  # and pages dropped below this one
 
     @property
     def size(self) -> int:
@@ -90,6 +97,30 @@ class FsBlobWriter:
         if self._closed:
             raise StorageError("write after close")
         self._guarded(self._write_sync, [data])
+
+    def release(self, until: int) -> None:
+        """Drop-behind, blocking, from the thread that feeds :meth:`write_direct`: nobody
+        will read the spool before ``until`` soon, so its page cache may go once it is on
+        disk. Writeback starts for every full WRITEBACK_STEP landed; clean pages before
+        ``until`` are dropped (pages still being written back stay, and get one more chance
+        next time). A large blob written into fresh page cache costs several times the CPU
+        of one written into pages just freed (on a VM, every first touch of a page reaches
+        the hypervisor), so a download that lets its pages go behind its readers reuses the
+        same few MiB of memory. A reader that comes later reads the spool from disk.
+        Advisory: errors are ignored."""
+        if self._closed:
+            return
+        try:
+            while self._written - self._writeback_from >= WRITEBACK_STEP:
+                _start_writeback(self._fd, self._writeback_from, WRITEBACK_STEP)
+                self._writeback_from += WRITEBACK_STEP
+            until = min(until, self._writeback_from) // _PAGE * _PAGE
+            if until > self._dropped_until:
+                start = max(self._dropped_until - 2 * WRITEBACK_STEP, 0)
+                os.posix_fadvise(self._fd, start, until - start, os.POSIX_FADV_DONTNEED)
+                self._dropped_until = until
+        except OSError:
+            pass
 
     async def write(self, chunk: bytes) -> None:
         if self._closed:
@@ -183,6 +214,28 @@ class FsBlobWriter:
         with contextlib.suppress(StorageError):
             self._close_fd()
         self._unlink()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file back to disk, without waiting (``sync_file_range``
+    with ``SYNC_FILE_RANGE_WRITE``; the GIL is released during the call)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _unlink_quietly(path: Path) -> None:

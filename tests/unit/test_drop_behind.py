@@ -1,0 +1,141 @@
+"""Drop-behind of a direct download's spool (``FsBlobWriter.release``, driven by
+``_pump_direct`` from the readers' positions): pages behind the slowest reader leave the page
+cache once on disk; pages a reader still needs stay; the bytes and digest are untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import mmap
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from mirrorcache.oci.reference import Digest
+from mirrorcache.proxy import download
+from mirrorcache.proxy.download import Download, _pump_direct
+from mirrorcache.proxy.routing import Target
+from mirrorcache.storage import fs
+from mirrorcache.storage.fs import FilesystemBlobStore
+from mirrorcache.upstream.registry import RawBody
+
+MiB = 1 << 20
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="Linux only")
+
+
+def resident(path: Path, start: int, end: int) -> int:
+    """Bytes of ``path`` in [start, end) that are in the page cache (mincore)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            pages = (size + PAGE - 1) // PAGE
+            vec = ctypes.create_string_buffer(pages)
+            assert _libc.mincore(addr, size, vec) == 0
+            return sum(1 for b in vec.raw[start // PAGE:end // PAGE] if b & 1) * PAGE
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+async def pump_unread(tmp_path: Path, data: bytes) -> int:
+    """Receive ``data`` through ``_pump_direct`` over a socket pair, nobody reading the spool;
+    return how much of the spool is in the page cache at the end (its pages clean), after
+    checking the committed bytes."""
+    store = FilesystemBlobStore(tmp_path / "cache")
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    ours, theirs = socket.socketpair()
+    ours.settimeout(30)
+    raw = RawBody("up", ours, b"", len(data))
+    dl = Download(Target("up", "r"), digest)
+    sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
+    try:
+        async with store.writer(digest) as w:
+            assert await _pump_direct(raw, w, dl) is None
+            assert w.local_path is not None
+            os.fsync(w._fd)  # type: ignore[attr-defined]
+            pages = resident(w.local_path, 0, len(data))
+            await w.commit()
+    finally:
+        await sender
+        theirs.close()
+        raw.close()
+    assert store.path_of(digest).read_bytes() == data
+    return pages
+
+
+@pytest.fixture
+def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "KEEP_BEHIND", 8 * MiB)
+    monkeypatch.setattr(fs, "WRITEBACK_STEP", 4 * MiB)
+
+
+async def test_released_pages_leave_the_page_cache(tmp_path: Path) -> None:
+    data = os.urandom(24 * MiB)
+    store = FilesystemBlobStore(tmp_path / "cache")
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+    async with store.writer(digest) as w:
+        w.write_direct(memoryview(data))  # type: ignore[attr-defined]
+        assert w.local_path is not None
+        os.fsync(w._fd)  # type: ignore[attr-defined]
+        assert resident(w.local_path, 0, len(data)) == len(data)  # via the page cache
+        w.release(16 * MiB)  # type: ignore[attr-defined]
+        assert resident(w.local_path, 0, 16 * MiB) == 0  # released, and clean: gone
+        assert resident(w.local_path, 16 * MiB, len(data)) == 8 * MiB  # not released
+        await w.commit()
+    assert store.path_of(digest).read_bytes() == data
+
+
+async def test_direct_download_drops_its_spool_behind_when_nobody_reads(
+        tmp_path: Path, small_windows: None) -> None:
+    data = os.urandom(64 * MiB)
+    # Everything but the last KEEP_BEHIND (and a writeback step or two) went.
+    assert await pump_unread(tmp_path, data) <= 24 * MiB
+
+
+async def test_pages_a_reader_still_needs_stay(tmp_path: Path, small_windows: None) -> None:
+    data = os.urandom(64 * MiB)
+    store = FilesystemBlobStore(tmp_path / "cache")
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    ours, theirs = socket.socketpair()
+    ours.settimeout(30)
+    raw = RawBody("up", ours, b"", len(data))
+    dl = Download(Target("up", "r"), digest)
+    dl.reader_at("slow", 40 * MiB)  # has sent 40 MiB, the rest still to read
+    dl.reader_at("fast", 60 * MiB)
+    assert dl.readers_low == 40 * MiB
+    sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
+    try:
+        async with store.writer(digest) as w:
+            assert await _pump_direct(raw, w, dl) is None
+            assert w.local_path is not None
+            os.fsync(w._fd)  # type: ignore[attr-defined]
+            # Nothing from the slow reader's position (less KEEP_BEHIND) on was dropped.
+            assert resident(w.local_path, 32 * MiB, len(data)) == len(data) - 32 * MiB
+            assert resident(w.local_path, 0, 24 * MiB) < 24 * MiB  # behind it: dropped
+            await w.commit()
+    finally:
+        await sender
+        theirs.close()
+        raw.close()
+    assert store.path_of(digest).read_bytes() == data
+    dl.reader_left("slow")
+    assert dl.readers_low == 60 * MiB
+    dl.reader_left("fast")
+    assert dl.readers_low == download.NO_READER
