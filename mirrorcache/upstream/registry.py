@@ -18,7 +18,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -197,7 +197,7 @@ class RawBody:
                 raise UpstreamBodyBroken(self.upstream, "aborted")
             try:
                 n = (self._sock.recv_into(buf[got:want]) if self._tls is None
-                     else self._recv_tls(buf[got:want]))
+                     else self._recv_tls(buf, got, want))
             except TimeoutError:
                 if got:
                     break  # hand over what came; the next read times out again
@@ -214,19 +214,31 @@ class RawBody:
         self.remaining -= got
         return got
 
-    def _recv_tls(self, buf: memoryview) -> int:
-        """Plaintext into ``buf``: what the TLS session holds, else ciphertext from the socket
-        fed to it. 0 at the end of the stream."""
+    def _recv_tls(self, buf: memoryview, got: int, want: int) -> int:
+        """Plaintext into ``buf[got:want]``, as much as the TLS session holds (a record per
+        ``read``: this loop is the per-record cost, so it is kept tight), else ciphertext
+        from the socket fed to it first. Returns the bytes added; 0 at the end of the
+        stream."""
         tls = self._tls
         assert tls is not None and self._cipher is not None
+        read = tls.read_into
+        start = got
         while True:
             try:
-                return cast(int, tls.sslobj.read(len(buf), buf))  # into buf: a count
+                while got < want:
+                    n = read(want - got, buf[got:])
+                    if not n:
+                        break
+                    got += n
+                return got - start
             except ssl.SSLWantReadError:
-                pass
+                if got > start:
+                    return got - start
             except ssl.SSLZeroReturnError:  # close_notify
-                return 0
+                return got - start
             except ssl.SSLError as exc:
+                if got > start:
+                    return got - start
                 raise OSError(str(exc)) from None
             k = self._sock.recv_into(self._cipher)
             if k == 0:
@@ -245,6 +257,10 @@ class RawBody:
         self._sock.close()
 
 
+#: ``SSLObject.read(len, buffer)``: with a buffer it returns a count.
+_ReadInto = Callable[[int, memoryview], int]
+
+
 class _TlsTakeover:
     """The TLS session of an asyncio ``SSLProtocol`` (CPython's), taken over by the thread
     that reads a blob body: its ``SSLObject`` and the ``MemoryBIO`` it decrypts from. Once the
@@ -259,6 +275,10 @@ class _TlsTakeover:
         self.sslobj = sslobj
         self.incoming = incoming
         self._inner = inner
+        # ``read(n, buffer) -> count``, a record per call: the C method under ssl.py's
+        # SSLObject.read wrapper where there is one (one Python frame less per record).
+        self.read_into = cast(_ReadInto, getattr(getattr(sslobj, "_sslobj", None), "read",
+                                                 sslobj.read))
 
     @classmethod
     def of(cls, transport: asyncio.BaseTransport) -> _TlsTakeover | None:
