@@ -251,7 +251,8 @@ def create_app(config: Config, *, clean_temp: bool = True,
         manifests = ManifestService(upstreams, configs, blob_store, meta, coalescer, metrics,
                                     gate, claims=claims, owners=owners)
         blobs = BlobService(upstreams, configs, blob_store, meta, metrics, gate, clock=clock,
-                            claims=claims, owners=owners)
+                            claims=claims, owners=owners,
+                            drop_behind=config.storage.drop_behind)
 
         async def ready() -> str | None:
             """None when ready, else why the mirror is degraded (it keeps serving)."""

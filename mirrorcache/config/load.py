@@ -454,6 +454,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None) -> Conf
         metadata_path=meta_path,
         limits=parse_size_limits(storage_sec),
         s3=s3_cfg,
+        drop_behind=storage_sec.flag("drop_behind", True),
     )
     if s3_cfg is not None and storage.limits.limited:
         storage_sec.problem("max_size", "with storage.s3 the bucket is not size-limited here; "

@@ -131,6 +131,11 @@ class StorageConfig:
     metadata_path: Path
     limits: SizeLimits = SizeLimits()
     s3: S3StorageConfig | None = None
+    #: A large blob being fetched keeps only its last stretch in the page cache (behind its
+    #: slowest reader): the cold path reuses a few MiB of memory instead of filling fresh
+    #: page cache, which costs far more CPU (on VMs above all). False: the whole blob stays
+    #: cached in memory after its fetch, as the kernel likes.
+    drop_behind: bool = True
 
     @property
     def local_root(self) -> Path:

@@ -101,8 +101,10 @@ class BlobService(PeerFollowing):
                  store: BlobStore, meta: MetadataStore, metrics: Metrics,
                  gate: RepositoryGate | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 claims: FetchClaims | None = None, owners: Owners | None = None) -> None:
+                 claims: FetchClaims | None = None, owners: Owners | None = None,
+                 drop_behind: bool = True) -> None:
         self._upstreams = upstreams
+        self._drop_behind = drop_behind  # see Download.drop_behind
         #: Other replicas owning digests (a cluster), asked before upstream; None: alone.
         self._owners = owners
         #: Cross-process single-flight, when the store offers it; else per process only.
@@ -229,6 +231,7 @@ class BlobService(PeerFollowing):
 
     def _start(self, target: Target, digest: Digest, *, ask_owner: bool = True) -> Download:
         dl = Download(target, digest)
+        dl.drop_behind = self._drop_behind
         dl.final_path = self._store.local_path(digest)
         if ask_owner and self._owners is not None:
             dl.source = self._owners.blob_source(target, digest,

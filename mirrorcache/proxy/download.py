@@ -97,6 +97,8 @@ class Download:
         #: them (read by the receiving thread: an int, replaced whole).
         self._readers: dict[object, int] = {}
         self.readers_low = NO_READER
+        #: Let the spool's page cache go behind the slowest reader (``storage.drop_behind``).
+        self.drop_behind = True
 
     def reader_at(self, reader: object, pos: int) -> None:
         """A reader of the spool has sent everything before ``pos`` (or starts there)."""
@@ -344,7 +346,7 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         area = mmap.mmap(-1, DIRECT_BUFFER)
         buf = memoryview(area)
         result: str | BaseException | None = None
-        release = w.release if isinstance(w, ReleasesBehind) else None
+        release = w.release if dl.drop_behind and isinstance(w, ReleasesBehind) else None
         told, told_at = 0, 0.0
         try:
             while raw.remaining:

@@ -373,3 +373,14 @@ def test_limits_section() -> None:
         "limits.send_timeout: must be at least 1s (or 0 to disable)",
         "limits.nope: unknown key",
     ]
+
+
+def test_storage_drop_behind_defaults_on_and_takes_a_boolean(tmp_path: Path) -> None:
+    base: dict[str, Any] = {"storage": {"filesystem": {"path": str(tmp_path)}},
+                            "upstreams": {"quay.io": {"url": "https://quay.io"}}}
+    assert parse_config(base, {}).storage.drop_behind is True
+    off = {**base, "storage": {**base["storage"], "drop_behind": False}}
+    assert parse_config(off, {}).storage.drop_behind is False
+    bad = {**base, "storage": {**base["storage"], "drop_behind": "sometimes"}}
+    with pytest.raises(ConfigError, match=r"storage\.drop_behind"):
+        parse_config(bad, {})

@@ -142,3 +142,27 @@ async def test_pages_a_reader_still_needs_stay(tmp_path: Path, small_windows: No
     assert dl.readers_low == 60 * MiB
     dl.reader_left("fast")
     assert dl.readers_low == download.NO_READER
+
+
+async def test_drop_behind_off_keeps_the_page_cache(tmp_path: Path, small_windows: None
+                                                    ) -> None:
+    data = os.urandom(32 * MiB)
+    store = FilesystemBlobStore(tmp_path / "cache")
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    ours, theirs = socket.socketpair()
+    ours.settimeout(30)
+    raw = RawBody("up", ours, b"", len(data))
+    dl = Download(Target("up", "r"), digest)
+    dl.drop_behind = False  # storage.drop_behind: false
+    sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
+    try:
+        async with store.writer(digest) as w:
+            assert await _pump_direct(raw, w, dl) is None
+            assert w.local_path is not None
+            assert resident(w.local_path, 0, len(data)) == len(data)
+            await w.commit()
+    finally:
+        await sender
+        theirs.close()
+        raw.close()
+    assert store.path_of(digest).read_bytes() == data
