@@ -1621,7 +1621,7 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         " cold big pulls over both schemes, "
         + ("every other measurement over HTTPS too (--https-upstream)" if s.https_upstream
            else "every other measurement over HTTP")
-        + " (direct pulls stay plain HTTP) |",
+        + " (fetch.py's direct pulls stay plain HTTP) |",
         *([f"| mirrorcache extra environment | {env} |"] if env else []),
         f"| load average at start / end | {b.details.get('loadavg', '?')} |",
         f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
