@@ -1007,14 +1007,16 @@ class Bench:
         assert self.ulog is not None
         return self.ulog.since(mark)
 
-    def wait_peer_stored(self, blob: BlobFile, timeout: float = 120.0) -> None:
-        """Distribution's proxy stores a blob in a background fetch: wait for it to land."""
+    def wait_peer_stored(self, blob: BlobFile, timeout: float = 120.0,
+                         settle: float = 0.2) -> None:
+        """Distribution's proxy stores a blob in a background fetch: wait for it to land
+        (and ``settle`` seconds more, for the upstream to log that fetch)."""
         path = peer_blob_path(self._p, blob.digest)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_size == blob.size:
-                    time.sleep(0.2)
+                    time.sleep(settle)
                     return
             time.sleep(0.05)
         raise TimeoutError(f"peer did not store {blob.digest} within {timeout}s")
@@ -1272,6 +1274,9 @@ class Bench:
         for b in img.blobs:
             self.verify(self.blob_url(self._m.url, img, b), b, "warm, mirrorcache")
             self.pull_one(self.blob_url(self._p.url, img, b), b, "peer warm-up")
+        # The peer's background store fetches must not land in mirrorcache's load window.
+        for i, b in enumerate(img.blobs):
+            self.wait_peer_stored(b, settle=0.2 if i == len(img.blobs) - 1 else 0.0)
         mid_img, mid = self.mid
         self.pull_one(self.blob_url(self._p.url, mid_img, mid), mid, "peer warm-up")
         self.details["upstream requests: manifest warm-up + small blobs, both"] = \
