@@ -9,8 +9,9 @@ Usage::
                         [--profile] [--no-uvloop] [--mirror-env K=V] [--quiet-wait S]
                         [--upstream-mibps N] [--https-upstream] [--seed N]
 
-``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in about a
-minute; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2 cores.
+``--quick`` (256 MiB big blob, 50 MiB mid blob, 5 s load, 1 repetition) finishes in a
+minute or two; the full run (1 GiB, 200 MiB, 10 s, 3 repetitions) in a few minutes on 2
+cores.
 
 Everything runs on 127.0.0.1, as processes of this script, under a work directory
 (``bench/.work/run-<pid>``) that is removed at exit, Ctrl-C and errors included:
@@ -48,15 +49,34 @@ reclaim idle page cache within a minute). Every blob served by mirrorcache is sh
 at least once (the 50-way cold run hashes one of its streams: the in-flight path; the others
 are hashed warm).
 
-Measurements (ratio, goal): 1. cold pull of the big blob through mirrorcache / the peer vs
-straight from the upstream (>= 0.9x); 2. warm pull of it from mirrorcache vs nginx (>= 0.9x)
-and vs the peer warm (>= 1.0x); 3. ``--concurrency`` simultaneous cold GETs of the mid blob:
-upstream GETs for it (exactly 1) and wall time vs one cold pull (<= 1.3x); 4. manifest GET and
-HEAD by tag, 32 connections for ``--duration`` s: requests/s vs the peer (>= 2x) and upstream
+Measurements. Rows named ``10.`` are issue 10's goals, all judged in the same run:
+
+* cold pull of the big blob (1 GiB), mirrorcache vs the peer, each started anew on an empty
+  cache, once with a plain ``http`` upstream and once with an ``https`` one (the TLS front
+  below): >= 1.2x the peer's MiB/s, for each scheme;
+* CPU per cold GiB, per scheme: user+sys seconds of mirrorcache's process tree (from /proc)
+  during its cold pull, per GiB of the blob: <= 2.0 s. The reference column is the peer's,
+  "until served" (until its client had the last byte; the peer then fetches the blob a second
+  time to store it, which "stored" adds);
+* ``--concurrency`` (50) simultaneous cold GETs of the mid blob (200 MiB): exactly 1 upstream
+  GET, and wall time <= 1.2x nginx serving the same bytes to the same 50 clients warm;
+* warm pull of the big blob: >= 0.95x nginx and >= 1.2x the peer warm; a warm ``skopeo copy``
+  of the mid image (manifest by tag, config, layer; into a ``dir:``) through mirrorcache vs
+  straight from the upstream, alternated, ``--reps`` times after an untimed one each: median
+  wall time <= 1.0x direct (min-max spread shown);
+* no regression elsewhere: manifest GET by tag (wrk, 32 connections, ``--duration`` s) >= 0.95x
+  the 7377 req/s of bench/RESULTS.md's full run of 2026-11-23 (``393fb4c``, before issue 10's
+  work), and the rows below.
+
+The other rows: 1. cold big pull over http, mirrorcache / the peer vs straight from the
+upstream (info: the earlier >= 0.9x goal) and upstream GETs of the blob per scheme; 3. the
+50 cold GETs: zero client errors, wall vs one cold pull (info: the earlier <= 1.3x goal), the
+peer's figures; 4. manifest GET and HEAD by tag: requests/s vs the peer (>= 2x) and upstream
 requests caused (0 within tag_ttl); 5. peak RSS of the mirrorcache process tree (VmHWM per
-process <= 150 MB; the sum is reported too); 6. ``--clients`` simultaneous warm pulls (10% the
-mid blob, the rest small blobs): zero errors and aggregate throughput vs nginx (>= 0.8x).
-Repeated single-stream figures are medians over ``--reps``.
+process <= 150 MB; the sum is reported too); 6. ``--clients`` (200) simultaneous warm pulls
+(10% the mid blob, the rest small blobs): zero errors and aggregate throughput vs nginx
+(>= 0.8x). Repeated figures (MiB/s, CPU per GiB) are medians over ``--reps``, of the quiet
+repetitions where there are any (see below); the alternated skopeo pulls, of all.
 
 Prints a table (measure, mirrorcache, reference, ratio, goal, pass/fail) and writes it with
 the machine facts, per-process CPU seconds per measurement and upstream request breakdowns to
@@ -65,11 +85,14 @@ the machine facts, per-process CPU seconds per measurement and upstream request 
 ``bench/RESULTS-upstream200.md`` hold full runs with ``--workers 2`` and
 ``--upstream-mibps 200``.
 
-``--https-upstream`` puts nginx terminating TLS (a certificate from a private trustme CA,
-trusted through ``SSL_CERT_FILE``) in front of the upstream (or of the throttle) for
-mirrorcache and the peer: every real registry is HTTPS, and TLS is decrypted in mirrorcache's
-event loop. The direct pulls stay plain HTTP (fetch.py speaks no TLS). ``bench/coldcpu.py``
-measures CPU-seconds per cold GiB alone, A/B between source trees, over HTTP or HTTPS.
+Every run also starts nginx terminating TLS (a certificate from a private trustme CA,
+trusted through ``SSL_CERT_FILE`` by mirrorcache, the peer and skopeo) in front of the
+upstream (or of the throttle): every real registry is HTTPS, and the cold big pulls are
+measured over it as well as over plain HTTP. ``--https-upstream`` makes mirrorcache and the
+peer use it for every other measurement too (warm, 50 cold clients, manifests, 200 clients;
+the skopeo "direct" pulls then go to it as well). The fetch.py direct pulls stay plain HTTP
+(fetch.py speaks no TLS). ``bench/coldcpu.py`` measures CPU-seconds per cold GiB alone, A/B
+between source trees, over HTTP or HTTPS.
 
 ``--profile`` records mirrorcache with py-spy (``pip install py-spy``) during each of its
 measurements into ``<workdir>/profiles`` as speedscope JSON (use with ``--keep``).
@@ -108,7 +131,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -127,6 +150,7 @@ CLIENT_UA = "mirrorcache-bench"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk")
 PYSPY = shutil.which("py-spy")
+SKOPEO = shutil.which("skopeo")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -700,6 +724,8 @@ class Meas:
     noisy: bool = False
     waited: float = 0.0
     tcp: dict[str, int] = field(default_factory=dict)  # TcpExt counter deltas, when non-zero
+    used: dict[str, float] = field(default_factory=dict)  # CPU seconds per server (tree)
+    wall: float = 0.0
 
 
 def quiet_median(samples: list[tuple[float, Meas]]) -> float:
@@ -708,8 +734,16 @@ def quiet_median(samples: list[tuple[float, Meas]]) -> float:
     return statistics.median(quiet or [v for v, _ in samples])
 
 
+#: Seconds any one skopeo copy may take (the mid image warm: seconds).
+SKOPEO_TIMEOUT = 180.0
+
 #: A measurement is noisy when foreign processes used more than this share of all CPUs.
 NOISE_SHARE = 0.10
+
+#: Issue 10's "no regression" reference for manifest GETs: bench/RESULTS.md's full run of
+#: 2026-11-23 (commit 393fb4c, quiet machine, wrk -t2 -c32 10 s), before issue 10's work.
+MANIFEST_GET_REFERENCE_RPS = 7377.0
+MANIFEST_GET_REFERENCE = "7377 req/s (RESULTS.md full run 2026-11-23, 393fb4c)"
 
 
 @dataclass
@@ -757,17 +791,19 @@ class Bench:
         self.ulog: UpstreamLog | None = None
 
     # -- process management
-    def restart_mirror(self) -> Mirror:
+    def restart_mirror(self, upstream_url: str | None = None) -> Mirror:
+        """A new mirrorcache on an empty cache, its upstream ``upstream_url`` (default
+        ``up_url``)."""
         if self.mirror is not None:
             self.sampler.track(None)
             self.mirror.stop()
         self._n += 1
-        self.mirror = Mirror(self.s.workdir, self.up_url, self.s.workers, self._n,
-                             self.s.no_uvloop, self.s.mirror_env).start()
+        self.mirror = Mirror(self.s.workdir, upstream_url or self.up_url, self.s.workers,
+                             self._n, self.s.no_uvloop, self.s.mirror_env).start()
         self.sampler.track(self.mirror.proc.pid if self.mirror.proc else None)
         return self.mirror
 
-    def restart_peer(self) -> RegistryProcess:
+    def restart_peer(self, upstream_url: str | None = None) -> RegistryProcess:
         if self.peer is not None:
             self.peer.close()
             shutil.rmtree(self.peer.workdir, ignore_errors=True)
@@ -775,13 +811,15 @@ class Bench:
         d = self.s.workdir / f"peer-{self._n}"
         d.mkdir()
         self.peer = RegistryProcess(
-            proxy_remote_url=self.up_url, workdir=d, log_level="warn",
+            proxy_remote_url=upstream_url or self.up_url, workdir=d, log_level="warn",
             extra_config={"log": {"accesslog": {"disabled": True}}}).start()
         return self.peer
 
-    def restart_both(self) -> None:
-        self.restart_mirror()
-        self.restart_peer()
+    def restart_both(self, upstream_url: str | None = None) -> None:
+        """Both proxies anew on empty caches, reaching the upstream at ``upstream_url``
+        (default ``up_url``; the https cold pulls pass ``https_url``)."""
+        self.restart_mirror(upstream_url)
+        self.restart_peer(upstream_url)
 
     @property
     def _up(self) -> RegistryProcess:
@@ -795,10 +833,20 @@ class Bench:
         return self.throttle.url if self.throttle is not None else self._up.url
 
     @property
+    def https_url(self) -> str:
+        """nginx terminating TLS in front of the direct URL (started in every run: the cold
+        pulls are measured over both schemes)."""
+        assert self.tls_front is not None
+        return self.tls_front.url
+
+    @property
     def up_url(self) -> str:
-        """Where the proxies reach the upstream: the direct URL, or with --https-upstream
-        nginx terminating TLS in front of it."""
-        return self.tls_front.url if self.tls_front is not None else self.direct_url
+        """Where the proxies reach the upstream outside the cold big pulls: the direct URL,
+        or with --https-upstream the TLS front."""
+        return self.https_url if self.s.https_upstream else self.direct_url
+
+    def scheme_url(self, scheme: str) -> str:
+        return self.https_url if scheme == "https" else self.direct_url
 
     @property
     def _m(self) -> Mirror:
@@ -889,6 +937,9 @@ class Bench:
             meas.tcp = {k: tcp1[k] - tcp0.get(k, 0) for k in tcp1 if tcp1[k] - tcp0.get(k, 0)}
             meas.noisy = used["other"] > max(NOISE_SHARE * wall * (os.cpu_count() or 1), 0.05)
             self.sampler.sample()
+            # Unrounded, per server, for figures derived from them (CPU per GiB).
+            meas.used = {k: after[k] - before[k] for k in after}
+            meas.wall = wall
             self.cpu.append((meas, used, round(wall, 2), round(self.sampler.window_kb / 1024, 1)))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
@@ -956,14 +1007,16 @@ class Bench:
         assert self.ulog is not None
         return self.ulog.since(mark)
 
-    def wait_peer_stored(self, blob: BlobFile, timeout: float = 120.0) -> None:
-        """Distribution's proxy stores a blob in a background fetch: wait for it to land."""
+    def wait_peer_stored(self, blob: BlobFile, timeout: float = 120.0,
+                         settle: float = 0.2) -> None:
+        """Distribution's proxy stores a blob in a background fetch: wait for it to land
+        (and ``settle`` seconds more, for the upstream to log that fetch)."""
         path = peer_blob_path(self._p, blob.digest)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_size == blob.size:
-                    time.sleep(0.2)
+                    time.sleep(settle)
                     return
             time.sleep(0.05)
         raise TimeoutError(f"peer did not store {blob.digest} within {timeout}s")
@@ -989,13 +1042,14 @@ class Bench:
         if s.upstream_mibps:
             self.throttle = Nginx(s.workdir, "throttle", 1,
                                   throttle_server(self.upstream.url, s.upstream_mibps)).start()
-        if s.https_upstream:
-            self.tls_front, ca_file = tls_upstream(s.workdir, self.direct_url)
-            self.tls_front.start()
-            # Trusted by mirrorcache (Python's default verify paths) and the peer (Go) alike.
-            os.environ["SSL_CERT_FILE"] = str(ca_file)
+        # Always: the cold big pull is measured over https too (--https-upstream: every
+        # other measurement as well).
+        self.tls_front, ca_file = tls_upstream(s.workdir, self.direct_url)
+        self.tls_front.start()
+        # Trusted by mirrorcache (Python's default verify paths) and the peer (Go) alike.
+        os.environ["SSL_CERT_FILE"] = str(ca_file)
         self.sampler.start()
-        self.restart_both()
+        # No proxies yet: phase_cold_big starts both anew per upstream scheme.
 
     @property
     def big(self) -> tuple[ImageSpec, BlobFile]:
@@ -1010,49 +1064,91 @@ class Bench:
         return self.images[2]
 
     def phase_cold_big(self) -> None:
+        """Cold pulls of the big blob through mirrorcache and the peer, each started anew on
+        an empty cache, over a plain http upstream and over https (the TLS front) alike;
+        per repetition also straight from the upstream (plain http: fetch.py speaks no TLS).
+        The scheme of ``up_url`` goes last, so the later phases find both proxies warm."""
         img, blob = self.big
-        log(f"1. cold pull of the {blob.size // MiB} MiB blob ({self.s.reps}x)")
+        schemes = ("http", "https") if self.s.https_upstream else ("https", "http")
+        log(f"1/10. cold pull of the {blob.size // MiB} MiB blob over "
+            f"{' and '.join(schemes)} ({self.s.reps}x)")
         up_url = self.blob_url(self.direct_url, img, blob)
         self.pull_one(up_url, blob, "upstream warm-up")
         up: list[tuple[float, Meas]] = []
-        mc: list[tuple[float, Meas]] = []
-        peer: list[tuple[float, Meas]] = []
-        mc_gets, peer_gets = [], []
+        mc: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
+        peer: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
+        # CPU seconds per GiB of the blob: mirrorcache's process tree over its measurement;
+        # the peer's until its client had the last byte ("until served": it then fetches the
+        # blob a second time to store it) and until stored.
+        mc_cpu: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
+        peer_cpu: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
+        peer_cpu_stored: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
+        mc_gets: dict[str, list[int]] = {k: [] for k in schemes}
+        peer_gets: dict[str, list[int]] = {k: [] for k in schemes}
+        per_gib = (1 << 30) / blob.size
         for rep in range(self.s.reps):
             with self.measured(f"cold big: upstream direct #{rep + 1}") as m:
                 up.append((self.pull_one(up_url, blob, "upstream"), m))
-            if rep:
-                self.restart_both()
-            self.get_manifest(self._m.url, img)
-            self.get_manifest(self._p.url, img)
-            mark = self.ulog.mark() if self.ulog else 0
-            with self.measured(f"cold big: mirrorcache #{rep + 1}") as m:
-                mc.append((self.pull_one(self.blob_url(self._m.url, img, blob), blob,
-                                         "mirrorcache cold"), m))
-            reqs = self.upstream_requests(mark)
-            mc_gets.append(_count_gets(reqs, blob))
-            self.details.setdefault("upstream requests: cold big via mirrorcache",
-                                    summarize_requests(reqs))
-            mark = self.ulog.mark() if self.ulog else 0
-            with self.measured(f"cold big: peer #{rep + 1}") as m:
-                peer.append((self.pull_one(self.blob_url(self._p.url, img, blob), blob,
-                                           "peer cold"), m))
-                self.wait_peer_stored(blob)
-            reqs = self.upstream_requests(mark)
-            peer_gets.append(_count_gets(reqs, blob))
-            self.details.setdefault("upstream requests: cold big via peer",
-                                    summarize_requests(reqs))
-        tp = {k: _mibps(blob.size, quiet_median(v))
-              for k, v in (("up", up), ("mc", mc), ("peer", peer))}
+            for scheme in schemes:
+                self.restart_both(self.scheme_url(scheme))
+                self.get_manifest(self._m.url, img)
+                self.get_manifest(self._p.url, img)
+                mark = self.ulog.mark() if self.ulog else 0
+                with self.measured(f"cold big {scheme}: mirrorcache #{rep + 1}") as m:
+                    mc[scheme].append((self.pull_one(self.blob_url(self._m.url, img, blob),
+                                                     blob, f"mirrorcache cold {scheme}"), m))
+                mc_cpu[scheme].append((m.used.get("mirrorcache", 0.0) * per_gib, m))
+                reqs = self.upstream_requests(mark)
+                mc_gets[scheme].append(_count_gets(reqs, blob))
+                self.details.setdefault(f"upstream requests: cold big {scheme} via mirrorcache",
+                                        summarize_requests(reqs))
+                mark = self.ulog.mark() if self.ulog else 0
+                with self.measured(f"cold big {scheme}: peer #{rep + 1}") as m:
+                    c0 = cpu_seconds(registry_pids(self.peer))
+                    peer[scheme].append((self.pull_one(self.blob_url(self._p.url, img, blob),
+                                                       blob, f"peer cold {scheme}"), m))
+                    served = cpu_seconds(registry_pids(self.peer)) - c0
+                    self.wait_peer_stored(blob)
+                peer_cpu[scheme].append((served * per_gib, m))
+                peer_cpu_stored[scheme].append((m.used.get("peer", 0.0) * per_gib, m))
+                reqs = self.upstream_requests(mark)
+                peer_gets[scheme].append(_count_gets(reqs, blob))
+                self.details.setdefault(f"upstream requests: cold big {scheme} via peer",
+                                        summarize_requests(reqs))
         self.details["cold big samples (s)"] = {
-            "upstream": _fmt(up), "mirrorcache": _fmt(mc), "peer": _fmt(peer)}
+            "upstream direct (http)": _fmt(up),
+            **{f"{who} {k}": _fmt(v[k]) for who, v in (("mirrorcache", mc), ("peer", peer))
+               for k in schemes}}
+        self.details["cold big CPU seconds per GiB"] = {
+            **{f"mirrorcache {k}": _fmt(mc_cpu[k]) for k in schemes},
+            **{f"peer {k} (until served)": _fmt(peer_cpu[k]) for k in schemes},
+            **{f"peer {k} (until stored)": _fmt(peer_cpu_stored[k]) for k in schemes}}
         size = _size_label(blob.size)
-        self.rows.append(_ratio_row(f"1. cold pull {size}: mirrorcache vs upstream direct",
-                                    tp["mc"], tp["up"], "MiB/s", 0.9))
-        self.rows.append(_ratio_row(f"1. cold pull {size}: peer vs upstream direct",
-                                    tp["peer"], tp["up"], "MiB/s", 0.9, peer_row=True))
-        self.rows.append(Row(f"1. cold pull {size}: upstream GETs of the blob",
-                             "/".join(map(str, mc_gets)), "/".join(map(str, peer_gets)) + " (peer)",
+        t_up = _mibps(blob.size, quiet_median(up))
+        for scheme in ("http", "https"):
+            t_mc = _mibps(blob.size, quiet_median(mc[scheme]))
+            t_pr = _mibps(blob.size, quiet_median(peer[scheme]))
+            self.rows.append(_ratio_row(f"10. cold {size} {scheme}: mirrorcache vs peer",
+                                        t_mc, t_pr, "MiB/s", 1.2))
+        for scheme in ("http", "https"):
+            c_mc = quiet_median(mc_cpu[scheme])
+            c_pr = quiet_median(peer_cpu[scheme])
+            c_st = quiet_median(peer_cpu_stored[scheme])
+            self.rows.append(Row(f"10. CPU per cold GiB {scheme}: mirrorcache",
+                                 f"{c_mc:.2f} cpu-s/GiB",
+                                 f"{c_pr:.2f} cpu-s/GiB (peer until served; {c_st:.2f} stored)",
+                                 f"{c_mc / c_pr:.2f}x" if c_pr else "", "<= 2.0 s",
+                                 c_mc <= 2.0))
+        self.rows.append(_ratio_row(f"1. cold pull {size} http: mirrorcache vs upstream direct",
+                                    _mibps(blob.size, quiet_median(mc["http"])), t_up, "MiB/s",
+                                    None))
+        self.rows.append(_ratio_row(f"1. cold pull {size} http: peer vs upstream direct",
+                                    _mibps(blob.size, quiet_median(peer["http"])), t_up,
+                                    "MiB/s", None))
+        self.rows.append(Row(f"1. cold pull {size}: upstream GETs of the blob (http; https)",
+                             "; ".join("/".join(map(str, mc_gets[k])) for k in ("http", "https")),
+                             "; ".join("/".join(map(str, peer_gets[k]))
+                                       for k in ("http", "https")) + " (peer)",
                              "", "info", None))
 
     def phase_warm_big(self) -> None:
@@ -1077,10 +1173,11 @@ class Bench:
             "mirrorcache": _fmt(mc), "nginx": _fmt(ngx), "peer": _fmt(peer)}
         t_mc = _mibps(blob.size, quiet_median(mc))
         size = _size_label(blob.size)
-        self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs nginx", t_mc,
-                                    _mibps(blob.size, quiet_median(ngx)), "MiB/s", 0.9))
-        self.rows.append(_ratio_row(f"2. warm pull {size}: mirrorcache vs peer warm", t_mc,
-                                    _mibps(blob.size, quiet_median(peer)), "MiB/s", 1.0))
+        # Issue 10's goals (tighter than the earlier >= 0.9x nginx, >= 1x the peer).
+        self.rows.append(_ratio_row(f"10. warm {size}: mirrorcache vs nginx", t_mc,
+                                    _mibps(blob.size, quiet_median(ngx)), "MiB/s", 0.95))
+        self.rows.append(_ratio_row(f"10. warm {size}: mirrorcache vs peer warm", t_mc,
+                                    _mibps(blob.size, quiet_median(peer)), "MiB/s", 1.2))
 
     def phase_concurrent_cold(self) -> None:
         img, blob = self.mid
@@ -1131,24 +1228,26 @@ class Bench:
         self.details[f"cold mid: single pulls (s), {n}-way results"] = {
             "single": {k: _fmt(v) for k, v in singles.items()}, "concurrent": results}
         mc, pr = results["mirrorcache"], results["peer"]
-        self.rows.append(Row(f"3. {n}x cold GET {size}: upstream GETs of the blob",
+        self.rows.append(Row(f"10. {n}x cold GET {size}: upstream GETs of the blob",
                              str(mc["gets"]), f"{pr['gets']} (peer)", "", "== 1",
                              mc["gets"] == 1))
+        fl = results["nginx warm"]["wall"]
+        ratio = mc["wall"] / fl
+        self.rows.append(Row(f"10. {n}x cold GET {size}: wall vs nginx {n}x warm",
+                             f"{mc['wall']:.2f} s", f"{fl:.2f} s (nginx)", f"{ratio:.2f}x",
+                             "<= 1.2x", ratio <= 1.2))
         self.rows.append(Row(f"3. {n}x cold GET {size}: client errors", str(mc["errors"]),
                              f"{pr['errors']} (peer)", "", "== 0", mc["errors"] == 0))
         s_mc = quiet_median(singles["mirrorcache"])
         s_pr = quiet_median(singles["peer"])
-        ratio = mc["wall"] / s_mc
+        # The earlier goal (<= 1.3x one cold pull), now information: on loopback one cold
+        # pull is far faster than delivering its bytes 50 times, which nginx bounds.
         self.rows.append(Row(f"3. {n}x cold GET {size}: wall vs one cold pull",
-                             f"{mc['wall']:.2f} s", f"{s_mc:.2f} s (1 pull)", f"{ratio:.2f}x",
-                             "<= 1.3x", ratio <= 1.3))
+                             f"{mc['wall']:.2f} s", f"{s_mc:.2f} s (1 pull)",
+                             f"{mc['wall'] / s_mc:.2f}x", "info", None))
         self.rows.append(Row(f"3. {n}x cold GET {size}: peer wall vs its one cold pull",
                              f"{pr['wall']:.2f} s", f"{s_pr:.2f} s (1 pull)",
                              f"{pr['wall'] / s_pr:.2f}x", "(peer)", None))
-        fl = results["nginx warm"]["wall"]
-        self.rows.append(Row(f"3. {n}x GET {size}: wall vs nginx {n}x warm (the floor here)",
-                             f"{mc['wall']:.2f} s", f"{fl:.2f} s (nginx)",
-                             f"{mc['wall'] / fl:.2f}x", "info", None))
         agg = _mibps(mc["bytes"], mc["wall"])
         self.rows.append(Row(f"3. {n}x cold GET {size}: aggregate delivered", f"{agg:.0f} MiB/s",
                              f"{_mibps(pr['bytes'], pr['wall']):.0f} MiB/s (peer)",
@@ -1175,6 +1274,9 @@ class Bench:
         for b in img.blobs:
             self.verify(self.blob_url(self._m.url, img, b), b, "warm, mirrorcache")
             self.pull_one(self.blob_url(self._p.url, img, b), b, "peer warm-up")
+        # The peer's background store fetches must not land in mirrorcache's load window.
+        for i, b in enumerate(img.blobs):
+            self.wait_peer_stored(b, settle=0.2 if i == len(img.blobs) - 1 else 0.0)
         mid_img, mid = self.mid
         self.pull_one(self.blob_url(self._p.url, mid_img, mid), mid, "peer warm-up")
         self.details["upstream requests: manifest warm-up + small blobs, both"] = \
@@ -1207,6 +1309,11 @@ class Bench:
             self.rows.append(_ratio_row(f"4. manifest {kind} by tag, 32 conns", a["rps"], b["rps"],
                                         "req/s", 2.0, extra_ok=bad == 0,
                                         note=f" ({bad} errors)" if bad else ""))
+        bad = mc["get"]["errors"] + mc["get"]["non2xx"]
+        self.rows.append(_ratio_row(
+            f"10. manifest GET (wrk) by tag vs {MANIFEST_GET_REFERENCE}",
+            mc["get"]["rps"], MANIFEST_GET_REFERENCE_RPS, "req/s", 0.95, extra_ok=bad == 0,
+            note=f" ({bad} errors)" if bad else ""))
         self.rows.append(Row("4. upstream requests during manifest load", str(mc["upstream"]),
                              f"{pr['upstream']} (peer)", "", "== 0", mc["upstream"] == 0))
 
@@ -1299,6 +1406,72 @@ class Bench:
                                     tput("mirrorcache"), tput("nginx"), "MiB/s", 0.8))
         self.rows.append(_ratio_row(f"6. {n} clients warm: aggregate throughput vs peer",
                                     tput("mirrorcache"), tput("peer"), "MiB/s", None))
+
+    def skopeo_copy(self, base: str, img: ImageSpec, dest: Path, label: str) -> float:
+        """Seconds for ``skopeo copy`` of ``img``'s tag from the registry at ``base`` into a
+        fresh ``dir:`` directory; checks the layer files landed whole (skopeo checks their
+        digests itself)."""
+        assert SKOPEO is not None
+        shutil.rmtree(dest, ignore_errors=True)
+        ref = f"{urlsplit(base).netloc}/{img.repo}:latest"
+        env = {k: v for k, v in os.environ.items()
+               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+        cmd = [SKOPEO, "copy", "--quiet", "--retry-times", "0", "--src-tls-verify=false",
+               "--src-no-creds", f"docker://{ref}", f"dir:{dest}"]
+        t0 = time.monotonic()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                             timeout=SKOPEO_TIMEOUT)
+        seconds = time.monotonic() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"{label}: skopeo copy {ref} exited {out.returncode}: "
+                               f"{out.stderr.strip()[-1000:]}")
+        for b in img.blobs:
+            got = dest / b.hex
+            if not got.exists() or got.stat().st_size != b.size:
+                raise RuntimeError(f"{label}: skopeo copy {ref}: {b.digest} missing or short")
+        shutil.rmtree(dest, ignore_errors=True)
+        return seconds
+
+    def phase_skopeo_warm(self) -> None:
+        """Warm pulls of the mid image with skopeo (a real client: manifest by tag, config,
+        layer), through mirrorcache and straight from its upstream, alternated."""
+        img, blob = self.mid
+        size = _size_label(blob.size)
+        measure = f"10. warm skopeo pull {size} (the mid image): mirrorcache vs direct"
+        if SKOPEO is None:
+            self.rows.append(Row(measure, "skopeo not installed", "", "", "<= 1.0x", None))
+            return
+        log(f"7. warm skopeo pull of the mid image ({size}), through mirrorcache and direct,"
+            f" alternated ({self.s.reps}x)")
+        dest = self.s.workdir / "skopeo"
+        bases = {"mirrorcache": self._m.url, "direct": self.up_url}
+        for who, base in bases.items():  # untimed: mirrorcache's config blob, page cache
+            self.skopeo_copy(base, img, dest, f"{who} warm-up")
+        samples: dict[str, list[tuple[float, Meas]]] = {k: [] for k in bases}
+        upstream_reqs: list[dict[str, Any]] = []
+        for rep in range(self.s.reps):
+            order = list(bases) if rep % 2 == 0 else list(bases)[::-1]
+            for who in order:
+                mark = self.ulog.mark() if self.ulog else 0
+                with self.measured(f"skopeo warm mid: {who} #{rep + 1}") as m:
+                    samples[who].append((self.skopeo_copy(bases[who], img, dest, who), m))
+                if who == "mirrorcache":
+                    upstream_reqs += self.upstream_requests(mark)
+        self.details["skopeo warm mid samples (s)"] = {k: _fmt(v) for k, v in samples.items()}
+        self.details["upstream requests: skopeo warm pulls via mirrorcache"] = \
+            summarize_requests(upstream_reqs)
+        # Plain medians over every repetition, noisy or not: the two sides alternate, so load
+        # drifts hit both alike, and quiet_median could compare different sample sets.
+        mc, direct = (statistics.median(v for v, _ in samples[k]) for k in bases)
+
+        def spread(who: str) -> str:
+            vals = [v for v, _ in samples[who]]
+            return f" ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else ""
+
+        ratio = mc / direct if direct else 0.0
+        self.rows.append(Row(measure, f"{mc:.2f} s{spread('mirrorcache')}",
+                             f"{direct:.2f} s{spread('direct')} (direct)", f"{ratio:.2f}x",
+                             "<= 1.0x", ratio <= 1.0))
 
     def phase_rss(self) -> None:
         self.sampler.sample()
@@ -1452,8 +1625,11 @@ def write_results(b: Bench, facts: dict[str, str], elapsed: float, argv: list[st
         "| upstream link | " + (f"nginx reverse proxy, limit_rate {s.upstream_mibps} MiB/s per"
                                 " connection (--upstream-mibps)" if s.upstream_mibps
                                 else "loopback, unthrottled")
-        + ("; HTTPS: nginx with TLS (trustme CA) in front, for mirrorcache and the peer"
-           " (direct pulls stay plain HTTP)" if s.https_upstream else "") + " |",
+        + "; HTTPS: nginx with TLS (trustme CA) in front, for mirrorcache and the peer: the"
+        " cold big pulls over both schemes, "
+        + ("every other measurement over HTTPS too (--https-upstream)" if s.https_upstream
+           else "every other measurement over HTTP")
+        + " (fetch.py's direct pulls stay plain HTTP) |",
         *([f"| mirrorcache extra environment | {env} |"] if env else []),
         f"| load average at start / end | {b.details.get('loadavg', '?')} |",
         f"| sizes | big {_size_label(s.big)}, mid {_size_label(s.mid)}, 24 small (4 KiB-4 MiB);"
@@ -1527,7 +1703,8 @@ def parse_args(argv: list[str]) -> Settings:
                    " per connection (a WAN upstream; default: straight loopback)")
     p.add_argument("--https-upstream", action="store_true",
                    help="mirrorcache and the peer reach the upstream over HTTPS (nginx with "
-                        "TLS and a trustme CA in front of it)")
+                        "TLS and a trustme CA in front of it) in every measurement; without "
+                        "it only the cold big pulls are measured over HTTPS (besides HTTP)")
     p.add_argument("--mirror-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for mirrorcache (A/B runs, e.g. MALLOC_ARENA_MAX=2)")
     a = p.parse_args(argv)
@@ -1577,7 +1754,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.details["loadavg"] = _loadavg()
     phases: list[Callable[[], None]] = [
         bench.setup, bench.phase_cold_big, bench.phase_warm_big, bench.phase_concurrent_cold,
-        bench.phase_manifests, bench.phase_many_clients, bench.phase_rss, bench.phase_digests,
+        bench.phase_manifests, bench.phase_many_clients, bench.phase_skopeo_warm,
+        bench.phase_rss, bench.phase_digests,
     ]
     try:
         log(f"work directory {s.workdir}; {'quick' if s.quick else 'full'} run, "
@@ -1585,6 +1763,8 @@ def main(argv: list[str] | None = None) -> int:
         for phase in phases:
             phase()
         bench.sampler.track(None)
+        # Issue 10's goals first, side by side; the rest in the order measured.
+        bench.rows.sort(key=lambda r: not r.measure.startswith("10."))
         bench.details["loadavg"] = f"{bench.details['loadavg']} / {_loadavg()}"
         elapsed = time.monotonic() - started
         facts = machine_facts()
