@@ -6,6 +6,7 @@ Event names are stable and dotted (``request.finished``, ``upstream.request``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -19,11 +20,21 @@ _SECRET_VALUES = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 REDACTED = "[REDACTED]"
 
 
+#: Values that can hide no credential, passed through without a look.
+_SCALARS = (int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    """Field names come from the code, a handful per event: each is matched once."""
+    return _SECRET_KEYS.search(key) is not None
+
+
 def _scrub(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUES.sub(r"\1 " + REDACTED, value) if _SECRET_VALUES.search(value) \
             else value
-    if depth > 8:
+    if type(value) in _SCALARS or depth > 8:
         return value
     if isinstance(value, dict):
         return {k: REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k)
@@ -36,10 +47,12 @@ def _scrub(value: Any, depth: int = 0) -> Any:
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Remove credentials and tokens from any event, whatever field they hide in."""
     for key, value in list(event.items()):
-        if key != "event" and _SECRET_KEYS.search(key):
+        if key != "event" and _secret_key(key):
             event[key] = REDACTED
         else:
-            event[key] = _scrub(value)
+            scrubbed = _scrub(value)
+            if scrubbed is not value:
+                event[key] = scrubbed
     return event
 
 
