@@ -44,8 +44,30 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def _may_hold_credential(text: str) -> bool:
+    """Whether :data:`_SECRET_VALUES` may match in ``text`` (never False when it does). Most
+    events hold no credential at all: one look over all their strings together shows it, and
+    a match across two fields only costs the field-by-field pass. ASCII text (the usual) is
+    searched for the scheme names as plain substrings, faster than the regex."""
+    if text.isascii():
+        low = text.lower()
+        return "bearer" in low or "basic" in low
+    return _SECRET_VALUES.search(text) is not None
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Remove credentials and tokens from any event, whatever field they hide in."""
+    strings: list[str] = []
+    scan = False  # a nested value, or a string that may hold a credential
+    for key, value in event.items():
+        if key != "event" and _secret_key(key):
+            scan = True
+        elif isinstance(value, str):
+            strings.append(value)
+        elif type(value) not in _SCALARS:
+            scan = True
+    if not scan and not _may_hold_credential("\n".join(strings)):
+        return event
     for key, value in list(event.items()):
         if key != "event" and _secret_key(key):
             event[key] = REDACTED
