@@ -6,6 +6,7 @@ Event names are stable and dotted (``request.finished``, ``upstream.request``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -19,11 +20,21 @@ _SECRET_VALUES = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 REDACTED = "[REDACTED]"
 
 
+#: Values that can hide no credential, passed through without a look.
+_SCALARS = (int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    """Field names come from the code, a handful per event: each is matched once."""
+    return _SECRET_KEYS.search(key) is not None
+
+
 def _scrub(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUES.sub(r"\1 " + REDACTED, value) if _SECRET_VALUES.search(value) \
             else value
-    if depth > 8:
+    if type(value) in _SCALARS or depth > 8:
         return value
     if isinstance(value, dict):
         return {k: REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k)
@@ -33,13 +44,37 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def _may_hold_credential(text: str) -> bool:
+    """Whether :data:`_SECRET_VALUES` may match in ``text`` (never False when it does). Most
+    events hold no credential at all: one look over all their strings together shows it, and
+    a match across two fields only costs the field-by-field pass. ASCII text (the usual) is
+    searched for the scheme names as plain substrings, faster than the regex."""
+    if text.isascii():
+        low = text.lower()
+        return "bearer" in low or "basic" in low
+    return _SECRET_VALUES.search(text) is not None
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Remove credentials and tokens from any event, whatever field they hide in."""
+    strings: list[str] = []
+    scan = False  # a nested value, or a string that may hold a credential
+    for key, value in event.items():
+        if key != "event" and _secret_key(key):
+            scan = True
+        elif isinstance(value, str):
+            strings.append(value)
+        elif type(value) not in _SCALARS:
+            scan = True
+    if not scan and not _may_hold_credential("\n".join(strings)):
+        return event
     for key, value in list(event.items()):
-        if key != "event" and _SECRET_KEYS.search(key):
+        if key != "event" and _secret_key(key):
             event[key] = REDACTED
         else:
-            event[key] = _scrub(value)
+            scrubbed = _scrub(value)
+            if scrubbed is not value:
+                event[key] = scrubbed
     return event
 
 

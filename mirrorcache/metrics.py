@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+#: Label combinations of the per-request collectors whose children are kept at hand.
+MAX_CACHED_LABELS = 1024
 
 
 class Metrics:
@@ -88,6 +92,25 @@ class Metrics:
             "mirrorcache_cluster_members", "Members seen, by health", ["health"],
             registry=self.registry, multiprocess_mode="mostrecent",
         )
+
+        # The children of the three per-request collectors, by label values: labels() takes a
+        # lock and builds its key on every call, a dict lookup does not.
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
+
+    def request_finished(self, method: str, kind: str, status: int, cache: str,
+                         seconds: float, sent: int) -> None:
+        """Count a client request: requests, request_seconds and bytes_served."""
+        key = (method, kind, status, cache)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, kind, str(status), cache),
+                        self.request_seconds.labels(kind), self.bytes_served.labels(cache))
+            if len(self._request_children) < MAX_CACHED_LABELS:
+                self._request_children[key] = children
+        counted, timed, served = children
+        counted.inc()
+        timed.observe(seconds)
+        served.inc(sent)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this process's registry, or the whole process group."""

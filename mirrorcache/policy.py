@@ -96,6 +96,10 @@ class Decision:
     reason: str
 
 
+_ALLOWED_BY_DEFAULT = Decision(True, None, "allowed by default (no rule matched)")
+_NOT_ON_ALLOWLIST = Decision(False, None, "not on the allowlist")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Ordered rules plus a default; first match wins. No rules and no default: allow all."""
@@ -116,15 +120,16 @@ class Policy:
         ``auth_enabled``: client authentication is on, so a caller without credentials
         (``identity`` None) is only matched by rules that say ``anonymous: true``.
         """
-        name = f"{upstream}/{repository}"
-        for rule in self.rules:
-            if rule.applies_to(identity, auth_enabled) and rule.matches_name(name, tag):
-                allowed = rule.action == "allow"
-                return Decision(allowed, rule.text,
-                                f"{'allowed' if allowed else 'denied'} by {rule.text}")
+        if self.rules:
+            name = f"{upstream}/{repository}"
+            for rule in self.rules:
+                if rule.applies_to(identity, auth_enabled) and rule.matches_name(name, tag):
+                    allowed = rule.action == "allow"
+                    return Decision(allowed, rule.text,
+                                    f"{'allowed' if allowed else 'denied'} by {rule.text}")
         if self.effective_default == "allow":
-            return Decision(True, None, "allowed by default (no rule matched)")
-        return Decision(False, None, "not on the allowlist")
+            return _ALLOWED_BY_DEFAULT
+        return _NOT_ON_ALLOWLIST
 
 
 def compile_pattern(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | None]:

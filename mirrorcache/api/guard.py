@@ -13,6 +13,8 @@ ambiguous.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from mirrorcache.errors import ErrorCode, Handler, OCIError
@@ -26,6 +28,7 @@ _SINGLE_PARAMS = {
     "last": ErrorCode.PAGINATION_NUMBER_INVALID,
     "artifactType": ErrorCode.UNSUPPORTED,
 }
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @web.middleware
@@ -46,11 +49,12 @@ async def request_guard_middleware(request: web.Request, handler: Handler) -> we
     if size > MAX_HEADER_BYTES:
         raise OCIError(ErrorCode.UNSUPPORTED, f"request headers over {MAX_HEADER_BYTES} bytes",
                        status=431)
-    for name, code in _SINGLE_PARAMS.items():
-        if len(request.query.getall(name, ())) > 1:
-            raise OCIError(code, f"query parameter {name} given more than once", status=400)
+    if request.query_string:
+        for name, code in _SINGLE_PARAMS.items():
+            if len(request.query.getall(name, ())) > 1:
+                raise OCIError(code, f"query parameter {name} given more than once", status=400)
     return await handler(request)
 
 
 def _has_control(text: str) -> bool:
-    return any(c < " " or c == "\x7f" for c in text)
+    return _CONTROL_RE.search(text) is not None

@@ -46,10 +46,11 @@ async def v2(request: web.Request) -> web.StreamResponse:
     if path.kind == "base":
         return web.json_response({}, headers=API_HEADERS)
     by_tag = path.kind == "manifest" and not is_digest(path.reference)
+    digest: Digest | None = None
     if by_tag:
         _check_manifest_tag(path.reference)
     elif path.kind != "tags":
-        Digest.parse(path.reference)
+        digest = Digest.parse(path.reference)
     if not read:
         raise _read_only(request)
     services = request.app[SERVICES]
@@ -58,18 +59,20 @@ async def v2(request: web.Request) -> web.StreamResponse:
     # Policy before anything touches the cache or an upstream: tag rules apply only when a
     # tag is resolved; digests, blobs, tag lists and referrers follow the repository rule.
     enforce_policy(request, target, path.reference if by_tag else None)
-    if path.kind == "manifest":
-        return await _manifest(request, target, path)
+    if path.kind == "manifest":  # the reference is valid: checked above
+        ref = Reference(tag=path.reference) if digest is None else Reference(digest=digest)
+        return await serve_manifest(request, target, ref)
     if path.kind == "blob":
-        return await serve_blob(request, target, Digest.parse(path.reference))
+        assert digest is not None
+        return await serve_blob(request, target, digest)
     request[CACHE_KEY] = "relay"
     if path.kind == "tags":
         params = parse_page(request.query.get("n"), request.query.get("last"))
         relayed = await services.passthrough.tags(target, params)
     else:
         params = parse_artifact_type(request.query.get("artifactType"))
-        relayed = await services.passthrough.referrers(target, Digest.parse(path.reference),
-                                                       params)
+        assert digest is not None
+        relayed = await services.passthrough.referrers(target, digest, params)
     return _relay(request, target, path, relayed, params)
 
 
@@ -87,10 +90,6 @@ def _check_manifest_tag(reference: str) -> None:
     except OCIError as exc:
         raise OCIError(ErrorCode.MANIFEST_UNKNOWN, f"no manifest can be named {reference[:140]!r}: "
                        "it is neither a valid tag nor a digest", status=404) from exc
-
-
-async def _manifest(request: web.Request, target: Target, path: V2Path) -> web.StreamResponse:
-    return await serve_manifest(request, target, Reference.parse(path.reference))
 
 
 async def serve_manifest(request: web.Request, target: Target, ref: Reference, *,

@@ -9,6 +9,7 @@ counted in the client request metrics (the peer endpoint has its own).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import structlog
@@ -65,42 +66,41 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
 
 def _record(request: web.Request, resp: web.StreamResponse | None, start: float,
             error: str | None, *, peer: bool = False) -> None:
-    target = request.get(TARGET_KEY)
     status = resp.status if resp is not None else 499
-    sent = _body_bytes(request, resp, error)
+    aborted = request.get(ABORTED_KEY, False)
+    sent = _body_bytes(request, resp, error, aborted)
     cache = request.get(CACHE_KEY, "none")
-    kind = request.get(KIND_KEY, "other")
     duration = time.monotonic() - start
-    fields = {
-        "method": request.method,
-        "path": request.path[:512],
-        "query": redact_query(request.query_string[:512]),
-        "route": "peer" if peer else target.form if target else None,
-        "upstream": target.upstream if target else None,
-        "repository": target.repository if target else None,
-        "status": status,
-        "bytes": sent,
-        "duration_ms": round(duration * 1000, 2),
-        "cache": cache,
-        "client": request.remote,
-    }
-    if error or request.get(ABORTED_KEY):
-        fields["error"] = error or "aborted"
-    log.info("request.finished", **fields)
+    if log.is_enabled_for(logging.INFO):  # the fields are built only to be written
+        target = request.get(TARGET_KEY)
+        fields = {
+            "method": request.method,
+            "path": request.path[:512],
+            "query": redact_query(request.query_string[:512]),
+            "route": "peer" if peer else target.form if target else None,
+            "upstream": target.upstream if target else None,
+            "repository": target.repository if target else None,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(duration * 1000, 2),
+            "cache": cache,
+            "client": request.remote,
+        }
+        if error or aborted:
+            fields["error"] = error or "aborted"
+        log.info("request.finished", **fields)
     if peer:
         return
-    metrics = request.app[SERVICES].metrics
-    metrics.requests.labels(request.method, kind, str(status), cache).inc()
-    metrics.request_seconds.labels(kind).observe(duration)
-    metrics.bytes_served.labels(cache).inc(sent)
+    request.app[SERVICES].metrics.request_finished(
+        request.method, request.get(KIND_KEY, "other"), status, cache, duration, sent)
 
 
 def _body_bytes(request: web.Request, resp: web.StreamResponse | None,
-                error: str | None) -> int:
+                error: str | None, aborted: bool) -> int:
     """Body bytes sent: the declared length when the response completed, else what was
     really handed to the kernel before it was cut."""
     if resp is None or request.method == "HEAD":
         return 0
-    if error is None and resp.content_length is not None and not request.get(ABORTED_KEY):
+    if error is None and resp.content_length is not None and not aborted:
         return resp.content_length
     return request.get(SENT_KEY) or resp.body_length

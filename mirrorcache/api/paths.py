@@ -13,10 +13,8 @@ Kind = Literal["base", "manifest", "blob", "tags", "referrers"]
 
 # Everything a valid name, tag or digest can contain; anything else (%, .., \, ;) is refused.
 _SAFE_PATH_RE = re.compile(r"/v2(?:/[A-Za-z0-9._/:-]*)?")
-_REF_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
-_UPLOADS_RE = re.compile(r"/blobs/uploads(?:/|$)")
 _PAGE_RE = re.compile(r"[0-9]{1,6}")
-_TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
+_TAGS_SUFFIX = "/tags/list"
 _MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/"
                             r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 MAX_PAGE = 10000
@@ -44,16 +42,19 @@ def parse_v2_path(raw_path: str) -> V2Path:
     tail = raw_path[4:] if raw_path.startswith("/v2/") else ""
     if tail == "":
         return V2Path("base")
-    if "//" in raw_path or "/../" in f"/{tail}/" or "/./" in f"/{tail}/":
+    segments = f"/{tail}/"
+    if "//" in raw_path or "/../" in segments or "/./" in segments:
         raise OCIError(ErrorCode.NAME_INVALID, "empty or relative path segment")
-    if _UPLOADS_RE.search(f"/{tail}"):
+    if "/blobs/uploads/" in segments:
         raise OCIError(ErrorCode.UNSUPPORTED, "this mirror is read-only: uploads are not supported")
-    m = _TAGS_RE.fullmatch(tail)
-    if m is not None:
-        return V2Path("tags", m.group("name"))
-    m = _REF_RE.fullmatch(tail)
-    if m is not None:
-        return V2Path(_KINDS[m.group("kind")], m.group("name"), m.group("ref"))
+    # <name>/tags/list, else <name>/<manifests|blobs|referrers>/<reference> (no empty
+    # segment can reach here, and the name may have slashes: split from the right).
+    if tail.endswith(_TAGS_SUFFIX) and len(tail) > len(_TAGS_SUFFIX):
+        return V2Path("tags", tail[:-len(_TAGS_SUFFIX)])
+    rest, _, ref = tail.rpartition("/")
+    name, _, kind = rest.rpartition("/")
+    if name and ref and kind in _KINDS:
+        return V2Path(_KINDS[kind], name, ref)
     raise OCIError(ErrorCode.NAME_UNKNOWN, "no such endpoint", status=404)
 
 

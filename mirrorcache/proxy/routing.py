@@ -14,6 +14,8 @@ from mirrorcache.upstream.dockerhub import canonical_host, canonical_repository
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
 
+#: Resolved names a Router remembers (all forgotten at once when full).
+RESOLVED_MEMO = 4096
 
 #: How the request named its upstream: none (``default_upstream``), ``?ns=``, or a host prefix.
 RouteForm = Literal["default", "ns", "prefix"]
@@ -46,6 +48,8 @@ class Router:
     def __init__(self, upstreams: Mapping[str, object], default: str | None) -> None:
         self._upstreams = frozenset(upstreams)
         self._default = default
+        # Names resolve the same way every time: the busy ones are remembered (bounded).
+        self._resolved: dict[tuple[str, str | None], Target] = {}
 
     def _known(self, host: str, how: str) -> str:
         if len(host) > 255 or not _HOST_RE.fullmatch(host):
@@ -59,6 +63,15 @@ class Router:
 
     def resolve(self, name: str, ns: str | None = None) -> Target:
         """Resolve the name from the URL path (and containerd's ``ns``) to a Target."""
+        target = self._resolved.get((name, ns))
+        if target is None:
+            target = self._resolve(name, ns)
+            if len(self._resolved) >= RESOLVED_MEMO:
+                self._resolved.clear()
+            self._resolved[(name, ns)] = target
+        return target
+
+    def _resolve(self, name: str, ns: str | None) -> Target:
         form: RouteForm
         if ns is not None:
             upstream = self._known(ns, "ns")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mirrorcache.errors import OCIError
-from mirrorcache.proxy.routing import Router, Target
+from mirrorcache.proxy.routing import RESOLVED_MEMO, Router, Target
 
 UPSTREAMS = {"docker.io": object(), "quay.io": object(), "localhost:5000": object()}
 ALPINE = Target("docker.io", "library/alpine")
@@ -147,3 +147,22 @@ def test_target_records_the_route_form_but_not_in_its_identity() -> None:
     assert forms == ["default", "ns", "prefix"]
     assert len({router.resolve("a/b"), router.resolve("a/b", ns="docker.io"),
                 router.resolve("docker.io/a/b")}) == 1
+
+
+def test_remembered_names_resolve_as_the_first_time(router: Router) -> None:
+    """The memo changes nothing: the same Target (and route form) for every form, again and
+    again; a refused name is refused every time; the memo stays bounded."""
+    for _ in range(3):
+        assert router.resolve("alpine") == ALPINE
+        assert router.resolve("alpine").form == "default"
+        assert router.resolve("alpine", ns="docker.io").form == "ns"
+        assert router.resolve("docker.io/alpine").form == "prefix"
+        with pytest.raises(OCIError) as exc_info:
+            router.resolve("UPPER/case")
+        assert exc_info.value.code == "NAME_INVALID"
+        with pytest.raises(OCIError) as exc_info:
+            router.resolve("x", ns="ghcr.io")
+        assert exc_info.value.code == "NAME_UNKNOWN"
+    for i in range(RESOLVED_MEMO + 10):
+        assert router.resolve(f"r{i}") == Target("docker.io", f"library/r{i}")
+    assert len(router._resolved) <= RESOLVED_MEMO
