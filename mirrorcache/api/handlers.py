@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -118,8 +120,20 @@ async def serve_manifest(request: web.Request, target: Target, ref: Reference, *
     return web.Response(status=200, body=res.body, headers=headers)
 
 
+#: The first bytes of a cached blob go out with an ordinary write, the rest with sendfile.
+#: A receiver sizes its buffer (Linux's receive-buffer autotuning) from how much it can read
+#: within one round trip; when the whole body is handed to the kernel at once with sendfile,
+#: every segment leaves clocked by the client's last ACK and, on a fast link, the client's
+#: buffer never grows past its initial ~128 KiB: smaller segments, one ACK each, one wakeup
+#: of the client each. Measured with skopeo on loopback (bench/skopeo_warm.py): 2.3x the
+#: segments and ~15% more client CPU than the same pull from Distribution, which writes.
+#: A short written lead lets the client's buffer grow as it does with any writing server.
+SENDFILE_LEAD = 256 << 10
+
+
 class BlobFileResponse(web.FileResponse):
-    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp).
+    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp), after a
+    written lead of ``SENDFILE_LEAD`` bytes.
 
     ``prepare`` is idempotent so the access-log middleware can send it and count its bytes.
     """
@@ -131,15 +145,27 @@ class BlobFileResponse(web.FileResponse):
 
     async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
                         count: int) -> AbstractStreamWriter:
-        """aiohttp's sendfile, counting the bytes sent even when the client goes away (the
-        event loop leaves the file position after the last byte it sent)."""
+        """aiohttp's sendfile after the written lead, counting the bytes sent even when the
+        client goes away (the event loop leaves the file position after the last byte it
+        sent)."""
+        lead = min(count, SENDFILE_LEAD)
         try:
-            writer = await super()._sendfile(request, fobj, offset, count)
+            if lead:
+                writer = await web.StreamResponse.prepare(self, request)
+                assert writer is not None
+                data = await asyncio.get_running_loop().run_in_executor(
+                    None, os.pread, fobj.fileno(), lead, offset)
+                await writer.write(data)
+                count_sent(request, len(data))
+                if count == lead:
+                    await web.StreamResponse.write_eof(self)
+                    return writer
+            writer = await super()._sendfile(request, fobj, offset + lead, count - lead)
         except BaseException:
             with contextlib.suppress(OSError, ValueError):
-                count_sent(request, max(fobj.tell() - offset, 0))
+                count_sent(request, max(fobj.tell() - offset - lead, 0))
             raise
-        count_sent(request, count)
+        count_sent(request, count - lead)
         return writer
 
 
