@@ -24,8 +24,8 @@ upstream during the timed warm pulls through mirrorcache is printed in every cas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import json
 import os
 import re
