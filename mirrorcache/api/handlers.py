@@ -120,20 +120,25 @@ async def serve_manifest(request: web.Request, target: Target, ref: Reference, *
     return web.Response(status=200, body=res.body, headers=headers)
 
 
-#: The first bytes of a cached blob go out with an ordinary write, the rest with sendfile.
-#: A receiver sizes its buffer (Linux's receive-buffer autotuning) from how much it can read
-#: within one round trip; when the whole body is handed to the kernel at once with sendfile,
-#: every segment leaves clocked by the client's last ACK and, on a fast link, the client's
-#: buffer never grows past its initial ~128 KiB: smaller segments, one ACK each, one wakeup
-#: of the client each. Measured with skopeo on loopback (bench/skopeo_warm.py): 2.3x the
-#: segments and ~15% more client CPU than the same pull from Distribution, which writes.
-#: A short written lead lets the client's buffer grow as it does with any writing server.
+#: The first bytes of a big cached blob go out with an ordinary write, the rest with
+#: sendfile. Linux grows a client's TCP receive buffer only after the client has read more
+#: than that buffer within one measured round trip. When the whole body is queued in the
+#: kernel at once by sendfile, a fast link never shows it such a round trip: the client's
+#: buffer stays at its initial 128 KiB, the window below 96 KiB, and the blob arrives in
+#: segments of half that, each ACKed and each waking the client. Measured with skopeo on
+#: loopback (bench/skopeo_warm.py, bench/RESULTS-cold-path.md): 2.6x the segments and 10-25%
+#: more client CPU than the same pull from Distribution, which writes its bodies. A written
+#: lead, sent by the event loop as the socket drains, lets the buffer grow as it does with
+#: a writing server (0.1% of a 200 MiB blob copied through user space).
 SENDFILE_LEAD = 256 << 10
+#: Bodies shorter than this go by sendfile alone: they are over before the client's buffer
+#: matters, and small blobs (most of a pull's requests) skip the thread-pool read.
+SENDFILE_LEAD_MIN = 16 << 20
 
 
 class BlobFileResponse(web.FileResponse):
-    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp), after a
-    written lead of ``SENDFILE_LEAD`` bytes.
+    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp); from
+    ``SENDFILE_LEAD_MIN`` bytes on, after a written lead of ``SENDFILE_LEAD`` bytes.
 
     ``prepare`` is idempotent so the access-log middleware can send it and count its bytes.
     """
@@ -145,10 +150,10 @@ class BlobFileResponse(web.FileResponse):
 
     async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
                         count: int) -> AbstractStreamWriter:
-        """aiohttp's sendfile after the written lead, counting the bytes sent even when the
+        """aiohttp's sendfile (after the written lead), counting the bytes sent even when the
         client goes away (the event loop leaves the file position after the last byte it
         sent)."""
-        lead = min(count, SENDFILE_LEAD)
+        lead = SENDFILE_LEAD if count >= SENDFILE_LEAD_MIN else 0
         try:
             if lead:
                 writer = await web.StreamResponse.prepare(self, request)
@@ -157,9 +162,6 @@ class BlobFileResponse(web.FileResponse):
                     None, os.pread, fobj.fileno(), lead, offset)
                 await writer.write(data)
                 count_sent(request, len(data))
-                if count == lead:
-                    await web.StreamResponse.write_eof(self)
-                    return writer
             writer = await super()._sendfile(request, fobj, offset + lead, count - lead)
         except BaseException:
             with contextlib.suppress(OSError, ValueError):

@@ -1,9 +1,10 @@
 """Warm blobs: how a cached blob leaves the mirror, and what a warm skopeo pull costs.
 
-A cached blob goes out as a written lead of ``SENDFILE_LEAD`` bytes and the rest by sendfile
-(handlers.py says why: a client's TCP receive buffer only grows with a server that writes).
-The bytes must be the same whatever the split: whole blobs, blobs shorter than the lead, and
-ranges inside, across and beyond it; the access log counts what was sent.
+A body of ``SENDFILE_LEAD_MIN`` bytes or more goes out as a written lead of ``SENDFILE_LEAD``
+bytes and the rest by sendfile (handlers.py says why: on a fast link a client's TCP receive
+buffer does not grow when the whole body is queued by sendfile); shorter bodies by sendfile
+alone. The bytes must be the same whatever the split, whole blobs and ranges alike, and the
+access log counts what was sent.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from mirrorcache.api.handlers import SENDFILE_LEAD
+from mirrorcache.api.handlers import SENDFILE_LEAD, SENDFILE_LEAD_MIN
 from tests.support.countingproxy import CountingProxy
 from tests.support.images import make_image, push_image
 from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import copied_blob_digests, manifest_digest, skopeo_copy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +54,12 @@ async def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int
     return calls
 
 
-async def test_cached_blob_written_lead_then_sendfile(
+async def test_big_cached_blob_written_lead_then_sendfile(
         hub_and_mirror: tuple[CountingProxy, Mirror], registry: RegistryProcess,
         unique_repo: str, sendfile_calls: list[tuple[int, int | None]]) -> None:
     hub, mirror = hub_and_mirror
-    size = 3 * SENDFILE_LEAD + 12_345
-    img = make_image([size, SENDFILE_LEAD // 3], media="oci", raw=True)
+    size = SENDFILE_LEAD_MIN + 12_345
+    img = make_image([size, 300_000], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     big, small = img.layers
     data = big.data
@@ -78,16 +80,16 @@ async def test_cached_blob_written_lead_then_sendfile(
             assert "sha256:" + hashlib.sha256(body).hexdigest() == big.digest
             assert sendfile_calls == [(SENDFILE_LEAD, size - SENDFILE_LEAD)]
 
-            async with http.get(f"{base}/{small.digest}") as resp:  # shorter than the lead
+            async with http.get(f"{base}/{small.digest}") as resp:  # small: sendfile alone
                 assert resp.status == 200
                 assert await resp.read() == small.data
-            assert len(sendfile_calls) == 1  # all of it written
+            assert sendfile_calls[1:] == [(0, len(small.data))]
 
-            cases = [  # (first, last) byte positions: inside, across, beyond the lead
+            cases = [  # (first, last): short ranges, and ranges as long as the threshold
                 (1000, 1999),
                 (SENDFILE_LEAD - 10, SENDFILE_LEAD + 10),
-                (10, 2 * SENDFILE_LEAD + 99),
-                (2 * SENDFILE_LEAD + 7, size - 1),
+                (10, SENDFILE_LEAD_MIN + 9),
+                (12_345, size - 1),
             ]
             for first, last in cases:
                 async with http.get(f"{base}/{big.digest}",
@@ -98,11 +100,15 @@ async def test_cached_blob_written_lead_then_sendfile(
             async with http.get(f"{base}/{big.digest}", headers={"Range": "bytes=-10"}) as resp:
                 assert resp.status == 206
                 assert await resp.read() == data[-10:]
-    # sendfile only for what is left after a whole lead: ranges up to SENDFILE_LEAD long are
-    # written
-    assert sendfile_calls[1:] == [
-        (10 + SENDFILE_LEAD, 2 * SENDFILE_LEAD + 90 - SENDFILE_LEAD),
-        (2 * SENDFILE_LEAD + 7 + SENDFILE_LEAD, size - 2 * SENDFILE_LEAD - 7 - SENDFILE_LEAD),
+            # Each event is logged once its body is out, maybe after the client has it.
+            await wait_until(lambda: sum(e["event"] == "request.finished" and e["cache"] == "hit"
+                                         for e in logs) == 7)
+    assert sendfile_calls[2:] == [
+        (1000, 1000),
+        (SENDFILE_LEAD - 10, 21),
+        (10 + SENDFILE_LEAD, SENDFILE_LEAD_MIN - SENDFILE_LEAD),
+        (12_345 + SENDFILE_LEAD, SENDFILE_LEAD_MIN - SENDFILE_LEAD),
+        (size - 10, 10),
     ]
     # The cold requests' events may land after their bodies (and in this capture): left out.
     done = [e for e in logs if e["event"] == "request.finished" and e["cache"] != "miss"]
@@ -118,12 +124,14 @@ async def test_warm_skopeo_pull_asks_upstream_nothing(
     """A warm pull is four requests (ping, manifest, layer, config), none upstream: no
     revalidation, no HEAD before GET, no second manifest fetch."""
     hub, mirror = hub_and_mirror
-    img = make_image([SENDFILE_LEAD * 4 + 1], media="oci", raw=True)
+    img = make_image([SENDFILE_LEAD_MIN + 1], media="oci", raw=True)
     await push_image(registry.url, unique_repo, img, "v1")
     await skopeo_copy(f"docker://{mirror.host}/{unique_repo}:v1", tmp_path / "cold")
     hub.reset()
     with capture_logs() as logs:
         warm = await skopeo_copy(f"docker://{mirror.host}/{unique_repo}:v1", tmp_path / "warm")
+        await wait_until(lambda: sum(e["event"] == "request.finished" and e["cache"] != "miss"
+                                     for e in logs) >= 4)
     assert manifest_digest(warm.dest_dir) == img.digest
     assert copied_blob_digests(warm.dest_dir) == set(img.blob_digests)
     # The cold pull's last event may land after skopeo exits (and in this capture): left
