@@ -126,11 +126,12 @@ async def serve_manifest(request: web.Request, target: Target, ref: Reference, *
 #: kernel at once by sendfile, a fast link never shows it such a round trip: the client's
 #: buffer stays at its initial 128 KiB, the window below 96 KiB, and the blob arrives in
 #: segments of half that, each ACKed and each waking the client. Measured with skopeo on
-#: loopback (bench/skopeo_warm.py, bench/RESULTS-cold-path.md): 2.6x the segments and 10-25%
-#: more client CPU than the same pull from Distribution, which writes its bodies. A written
+#: loopback (bench/skopeo_warm.py, bench/RESULTS-cold-path.md): up to 2.6x the segments and
+#: 6-26% more client CPU than the same pull from Distribution, which writes its bodies. A written
 #: lead, sent by the event loop as the socket drains, lets the buffer grow as it does with
-#: a writing server (0.1% of a 200 MiB blob copied through user space).
-SENDFILE_LEAD = 256 << 10
+#: a writing server (0.5% of a 200 MiB blob copied through user space; 256 KiB did it in 3
+#: pulls of 4, 1 MiB in all of them).
+SENDFILE_LEAD = 1 << 20
 #: Bodies shorter than this go by sendfile alone: they are over before the client's buffer
 #: matters, and small blobs (most of a pull's requests) skip the thread-pool read.
 SENDFILE_LEAD_MIN = 16 << 20
