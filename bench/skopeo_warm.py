@@ -3,8 +3,9 @@ mirrorcache vs straight from the upstream registry, alternated, wall times and m
 
 Usage::
 
-    python bench/skopeo_warm.py [--mib 200] [--reps 7] [--dest dir|oci] [--trace]
-                                [--tree LABEL=DIR ...] [--log-level info]
+    python bench/skopeo_warm.py [--mib 200] [--reps 7] [--dest dir|oci] [--trace] [--tcp]
+                                [--tree LABEL=DIR ...] [--variant LABEL=JSON ...]
+                                [--log-level info]
 
 Everything on 127.0.0.1 under a temporary directory, removed at exit: a Distribution
 registry (the upstream) holding ``bench/mid:latest`` (one layer of ``--mib`` random MiB), and
@@ -13,7 +14,13 @@ mirrorcache (``bench/run.py``'s ``Mirror``) in front of it, warmed by one untime
 of: skopeo through each mirrorcache tree, skopeo direct (the order alternates per round),
 each into a fresh destination directory on the same filesystem (removed after the pull:
 skopeo's own write of the layer is part of both figures). ``--tree`` runs mirrorcache from
-another checkout (``PYTHONPATH=DIR``), for before/after in one run.
+another checkout (``PYTHONPATH=DIR``), for before/after in one run; ``--variant`` adds a
+mirrorcache of this checkout with config keys merged in (e.g. ``{"event_loop": "uvloop"}``).
+Per pull: wall time, skopeo's CPU (user+sys), the server's CPU (/proc), the other processes'
+CPU (noise), and how long the server took to send the layer (its own log). ``--tcp`` adds,
+from ``ss -ti`` of the server's end of the layer's connection, segments out, ACKs in and the
+sender's MSS (Linux caps it at half the largest window the client advertised, so a small
+MSS means a small client receive buffer): see bench/RESULTS-cold-path.md.
 
 ``--trace`` also prints, for one pull of each, the request sequence seen by each server
 (mirrorcache's ``request.finished`` events, the upstream's access log) with durations,
@@ -126,12 +133,12 @@ def mirror_events(log_path: Path, offset: int) -> list[dict[str, Any]]:
 
 
 def upstream_lines(log_path: Path, offset: int) -> list[str]:
-    """Combined-format access lines of Distribution (one per request)."""
+    """Combined-format access lines of Distribution (one per request) since ``offset``:
+    skopeo's own (direct) or mirrorcache's (User-Agent ``mirrorcache/…``)."""
     with open(log_path, "rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    return [ln for ln in text.splitlines() if re.search(r'"(GET|HEAD|POST|PUT) /v2', ln)
-            and "mirrorcache-bench" not in ln and "aiohttp" not in ln.split('"')[-2:][0]]
+    return [ln for ln in text.splitlines() if re.search(r'"(GET|HEAD|POST|PUT) /v2', ln)]
 
 
 def short(s: str) -> str:
