@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -145,9 +144,7 @@ def main() -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
     finally:
-        for p in reversed(procs):
-            (p.stop if hasattr(p, "stop") and not hasattr(p, "close") else p.close)()
-        shutil.rmtree(work, ignore_errors=True)
+        run.stop_all(procs, work)
     return 0
 
 

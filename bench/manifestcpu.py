@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -148,9 +147,7 @@ def main() -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
     finally:
-        for p in reversed(procs):
-            p.close()
-        shutil.rmtree(work, ignore_errors=True)
+        run.stop_all(procs, work)
     return 0
 
 

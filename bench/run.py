@@ -497,6 +497,14 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
     raise TimeoutError(f"{url} not ready after {timeout}s ({last})")
 
 
+def stop_all(procs: list[Any], workdir: Path) -> None:
+    """Stop the harness processes started (newest first; registries ``close``, the others
+    ``stop``), then remove their work directory."""
+    for p in reversed(procs):
+        (p.stop if hasattr(p, "stop") and not hasattr(p, "close") else p.close)()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
                  timeout: float = 10.0) -> None:
     if proc.poll() is None:

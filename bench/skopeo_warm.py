@@ -295,9 +295,7 @@ def main() -> int:
                           f"[{' '.join(t['mss'] for t in tcp)}]")
         print(f"  requests reaching the upstream during the timed mirror pulls: {up_reqs}")
     finally:
-        for p in reversed(procs):
-            (p.stop if hasattr(p, "stop") and not hasattr(p, "close") else p.close)()
-        shutil.rmtree(work, ignore_errors=True)
+        run.stop_all(procs, work)
     return 0
 
 

@@ -10,6 +10,7 @@ import hashlib
 import mmap
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,48 +36,55 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="Linux only")
 
 
-def resident(path: Path, start: int, end: int) -> int:
-    """Bytes of ``path`` in [start, end) that are in the page cache (mincore)."""
+def resident_pages(path: Path) -> list[int]:
+    """Offsets of the pages of ``path`` that are in the page cache (one mincore call)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         assert addr not in (None, ctypes.c_void_p(-1).value)
         try:
-            pages = (size + PAGE - 1) // PAGE
-            vec = ctypes.create_string_buffer(pages)
+            vec = ctypes.create_string_buffer((size + PAGE - 1) // PAGE)
             assert _libc.mincore(addr, size, vec) == 0
-            return sum(1 for b in vec.raw[start // PAGE:end // PAGE] if b & 1) * PAGE
+            return [i * PAGE for i, b in enumerate(vec.raw) if b & 1]
         finally:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
 
 
-async def pump_unread(tmp_path: Path, data: bytes) -> int:
-    """Receive ``data`` through ``_pump_direct`` over a socket pair, nobody reading the spool;
-    return how much of the spool is in the page cache at the end (its pages clean), after
-    checking the committed bytes."""
+def resident(path: Path, start: int, end: int) -> int:
+    """Bytes of ``path`` in [start, end) that are in the page cache."""
+    return sum(PAGE for off in resident_pages(path) if start <= off < end)
+
+
+async def pump(tmp_path: Path, data: bytes, dl_setup: Callable[[Download], None],
+               ) -> tuple[list[int], Download]:
+    """Receive ``data`` through ``_pump_direct`` over a socket pair into a filesystem store,
+    the Download prepared by ``dl_setup`` (readers, the switch); check the committed bytes.
+    Returns which pages of the spool were in the page cache when the pump ended (after an
+    fsync, so every page is clean), as the page offsets, and the Download."""
     store = FilesystemBlobStore(tmp_path / "cache")
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     ours, theirs = socket.socketpair()
     ours.settimeout(30)
     raw = RawBody("up", ours, b"", len(data))
     dl = Download(Target("up", "r"), digest)
+    dl_setup(dl)
     sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
     try:
         async with store.writer(digest) as w:
             assert await _pump_direct(raw, w, dl) is None
             assert w.local_path is not None
-            os.fsync(w._fd)  # type: ignore[attr-defined]
-            pages = resident(w.local_path, 0, len(data))
+            os.fsync(w._fd)
+            pages = resident_pages(w.local_path)
             await w.commit()
     finally:
         await sender
         theirs.close()
         raw.close()
     assert store.path_of(digest).read_bytes() == data
-    return pages
+    return pages, dl
 
 
 @pytest.fixture
@@ -94,11 +102,11 @@ async def test_released_pages_leave_the_page_cache(tmp_path: Path) -> None:
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
 
     async with store.writer(digest) as w:
-        w.write_direct(memoryview(data))  # type: ignore[attr-defined]
+        w.write_direct(memoryview(data))
         assert w.local_path is not None
-        os.fsync(w._fd)  # type: ignore[attr-defined]
+        os.fsync(w._fd)
         assert resident(w.local_path, 0, len(data)) == len(data)  # via the page cache
-        w.release(16 * MiB)  # type: ignore[attr-defined]
+        w.release(16 * MiB)
         assert resident(w.local_path, 0, 16 * MiB) == 0  # released, and clean: gone
         assert resident(w.local_path, 16 * MiB, len(data)) == 8 * MiB  # not released
         await w.commit()
@@ -107,37 +115,21 @@ async def test_released_pages_leave_the_page_cache(tmp_path: Path) -> None:
 
 async def test_direct_download_drops_its_spool_behind_when_nobody_reads(
         tmp_path: Path, small_windows: None) -> None:
-    data = os.urandom(64 * MiB)
+    pages, _ = await pump(tmp_path, os.urandom(64 * MiB), lambda dl: None)
     # Everything but the last KEEP_BEHIND (and a writeback step or two) went.
-    assert await pump_unread(tmp_path, data) <= 16 * MiB
+    assert len(pages) * PAGE <= 16 * MiB
 
 
 async def test_pages_a_reader_still_needs_stay(tmp_path: Path, small_windows: None) -> None:
-    data = os.urandom(64 * MiB)
-    store = FilesystemBlobStore(tmp_path / "cache")
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
-    ours, theirs = socket.socketpair()
-    ours.settimeout(30)
-    raw = RawBody("up", ours, b"", len(data))
-    dl = Download(Target("up", "r"), digest)
-    dl.reader_at("slow", 40 * MiB)  # has sent 40 MiB, the rest still to read
-    dl.reader_at("fast", 60 * MiB)
-    assert dl.readers_low == 40 * MiB
-    sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
-    try:
-        async with store.writer(digest) as w:
-            assert await _pump_direct(raw, w, dl) is None
-            assert w.local_path is not None
-            os.fsync(w._fd)  # type: ignore[attr-defined]
-            # Nothing from the slow reader's position (less KEEP_BEHIND) on was dropped.
-            assert resident(w.local_path, 32 * MiB, len(data)) == len(data) - 32 * MiB
-            assert resident(w.local_path, 0, 32 * MiB) == 0  # behind it: dropped
-            await w.commit()
-    finally:
-        await sender
-        theirs.close()
-        raw.close()
-    assert store.path_of(digest).read_bytes() == data
+    def readers(dl: Download) -> None:
+        dl.reader_at("slow", 40 * MiB)  # has sent 40 MiB, the rest still to read
+        dl.reader_at("fast", 60 * MiB)
+        assert dl.readers_low == 40 * MiB
+
+    pages, dl = await pump(tmp_path, os.urandom(64 * MiB), readers)
+    # Nothing from the slow reader's position (less KEEP_BEHIND) on was dropped; all of
+    # what is behind that went.
+    assert pages == list(range(32 * MiB, 64 * MiB, PAGE))
     dl.reader_left("slow")
     assert dl.readers_low == 60 * MiB
     dl.reader_left("fast")
@@ -146,23 +138,8 @@ async def test_pages_a_reader_still_needs_stay(tmp_path: Path, small_windows: No
 
 async def test_drop_behind_off_keeps_the_page_cache(tmp_path: Path, small_windows: None
                                                     ) -> None:
-    data = os.urandom(32 * MiB)
-    store = FilesystemBlobStore(tmp_path / "cache")
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
-    ours, theirs = socket.socketpair()
-    ours.settimeout(30)
-    raw = RawBody("up", ours, b"", len(data))
-    dl = Download(Target("up", "r"), digest)
-    dl.drop_behind = False  # storage.drop_behind: false
-    sender = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, data)
-    try:
-        async with store.writer(digest) as w:
-            assert await _pump_direct(raw, w, dl) is None
-            assert w.local_path is not None
-            assert resident(w.local_path, 0, len(data)) == len(data)
-            await w.commit()
-    finally:
-        await sender
-        theirs.close()
-        raw.close()
-    assert store.path_of(digest).read_bytes() == data
+    def off(dl: Download) -> None:
+        dl.drop_behind = False  # storage.drop_behind: false
+
+    pages, _ = await pump(tmp_path, os.urandom(32 * MiB), off)
+    assert pages == list(range(0, 32 * MiB, PAGE))
