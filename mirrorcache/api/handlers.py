@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import io
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETAG_ANY, ETag
+from aiohttp.web_fileresponse import _FileResponseResult
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mirrorcache.api.access import enforce_policy
@@ -137,16 +141,45 @@ SENDFILE_LEAD_MIN = 16 << 20
 
 
 class BlobFileResponse(web.FileResponse):
-    """A cached blob sent with sendfile (Range and conditionals handled by aiohttp); from
+    """A cached blob sent with sendfile (Range handled by aiohttp); from
     ``SENDFILE_LEAD_MIN`` bytes on, after a written lead of ``SENDFILE_LEAD`` bytes.
 
-    ``prepare`` is idempotent so the access-log middleware can send it and count its bytes.
+    Its validator is its digest, like every blob response's: ``ETag: "<digest>"`` (from
+    ``_blob_headers``), no ``Last-Modified``. Conditional requests are decided against that
+    by :func:`serve_blob` before this response exists, so aiohttp's own (against its
+    mtime-size ETag and the file's mtime) are skipped, and aiohttp's ETag and Last-Modified
+    are never set. ``prepare`` is idempotent so the access-log middleware can send it and
+    count its bytes.
     """
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return None
         return await super().prepare(request)
+
+    def _make_response(self, request: web.BaseRequest, accept_encoding: str
+                       ) -> tuple[_FileResponseResult, io.BufferedReader | None,
+                                  os.stat_result, str | None]:
+        """Open the blob (in an executor): no conditionals here (see the class), and a
+        blob has no pre-compressed variants to choose from."""
+        fobj = self._path.open("rb")
+        return _FileResponseResult.SEND_FILE, fobj, os.stat(fobj.fileno()), None
+
+    @property
+    def etag(self) -> ETag | None:
+        return super().etag
+
+    @etag.setter
+    def etag(self, value: ETag | str | None) -> None:
+        """aiohttp sets its mtime-size ETag here; the digest ETag stays."""
+
+    @property
+    def last_modified(self) -> datetime.datetime | None:
+        return None
+
+    @last_modified.setter
+    def last_modified(self, value: int | float | datetime.datetime | str | None) -> None:
+        """aiohttp sets the file's mtime here; the digest is the blob's only validator."""
 
     async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
                         count: int) -> AbstractStreamWriter:
@@ -182,20 +215,58 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
     }
 
 
+def _etag_in(etags: tuple[ETag, ...], digest: Digest, *, weak: bool) -> bool:
+    """Whether a parsed If-Match/If-None-Match list names the blob's ETag (or is ``*``);
+    a weak tag counts only in the ``weak`` comparison (RFC 9110 8.8.3.2)."""
+    return any(tag.value in (ETAG_ANY, str(digest)) and (weak or not tag.is_weak)
+               for tag in etags)
+
+
+def _precondition(request: web.Request, digest: Digest) -> int | None:
+    """What a blob request's preconditions decide against its ``ETag: "<digest>"`` (RFC 9110
+    13.2.2, for GET and HEAD): 412 when If-Match does not name it, 304 when If-None-Match
+    does, None to answer as usual. Blobs have no Last-Modified: the date conditions are
+    ignored."""
+    if_match = request.if_match
+    if if_match is not None and not _etag_in(if_match, digest, weak=False):
+        return 412
+    if_none_match = request.if_none_match
+    if if_none_match is not None and _etag_in(if_none_match, digest, weak=True):
+        return 304
+    return None
+
+
+def _range_applies(request: web.Request, digest: Digest) -> bool:
+    """If-Range (RFC 9110 13.1.5): a Range is honoured unless If-Range names another
+    validator than the blob's ETag (strong comparison; a date never matches, since blobs have
+    no Last-Modified). Then the whole blob is sent, 200."""
+    if_range = request.headers.get("If-Range")
+    return (if_range is None or "Range" not in request.headers
+            or if_range.strip() == f'"{digest}"')
+
+
 async def serve_blob(request: web.Request, target: Target, digest: Digest, *,
                      ask_owner: bool = True) -> web.StreamResponse:
     """A blob GET/HEAD for ``target``; ``ask_owner`` False for a peer replica's request (the
     cluster endpoint): it is answered here, never forwarded to another replica."""
     services = request.app[SERVICES]
-    if request.method == "HEAD":
+    condition = _precondition(request, digest)
+    if request.method == "HEAD" or condition is not None:
+        # A conditional answer needs the blob to exist for this repository, not its bytes.
         info = await services.blobs.head(target, digest)
         request[CACHE_KEY] = info.cache
         headers = _blob_headers(digest)
+        if condition == 304:  # validators and caching headers, no representation metadata
+            del headers["Content-Type"], headers["Accept-Ranges"]
+            return web.Response(status=304, headers=headers)
+        if condition == 412:
+            return web.Response(status=412, headers=API_HEADERS)
         if info.size is not None:
             headers["Content-Length"] = str(info.size)
         return web.Response(status=200, headers=headers)
-    source = await services.blobs.open(target, digest, request.headers.get("Range"),
-                                       ask_owner=ask_owner)
+    ranges = _range_applies(request, digest)
+    source = await services.blobs.open(
+        target, digest, request.headers.get("Range") if ranges else None, ask_owner=ask_owner)
     services.access.blob(target.upstream, target.repository, digest)
     request[CACHE_KEY] = source.cache
     resp: web.StreamResponse
@@ -207,19 +278,21 @@ async def serve_blob(request: web.Request, target: Target, digest: Digest, *,
                 return web.Response(status=307, headers={
                     **API_HEADERS, "Location": url, "Docker-Content-Digest": str(digest),
                     "Cache-Control": "no-store"})
-        if source.path is not None:
+        if source.path is not None and ranges:
             return BlobFileResponse(source.path, chunk_size=1 << 20,
                                     headers=_blob_headers(digest))
-        # Not on local disk (object storage): streamed from the store's reader.
+        # Not on local disk (object storage), or a Range to ignore (aiohttp's FileResponse
+        # would apply it): streamed from the store's reader.
         resp = StoredBlobResponse(
             source.size, _blob_headers(digest),
-            lambda offset, length: services.blobs.read(digest, offset, length))
+            lambda offset, length: services.blobs.read(digest, offset, length), ranges=ranges)
     elif isinstance(source, InflightBlob):
         def remainder(start: int, end: int) -> AsyncGenerator[bytes]:
             request[CACHE_KEY] = "bypass"
             return services.blobs.remainder(target, digest, start, end)
 
-        resp = InflightBlobResponse(source.download, _blob_headers(digest), remainder)
+        resp = InflightBlobResponse(source.download, _blob_headers(digest), remainder,
+                                    ranges=ranges)
     else:
         return await _stream_passthrough(request, source)
     await resp.prepare(request)

@@ -59,13 +59,15 @@ def _not_satisfiable(size: int) -> OCIError:
 class _RangedBlobResponse(web.StreamResponse):
     """A blob of known size, answered 200 or 206 with the requested range."""
 
-    def __init__(self, size: int, headers: Mapping[str, str]) -> None:
+    def __init__(self, size: int, headers: Mapping[str, str], *, ranges: bool = True) -> None:
         super().__init__(status=200, headers=headers)
         self._size = size
+        #: False: the request's Range is ignored (an If-Range that did not hold).
+        self._ranges = ranges
         self._writer: AbstractStreamWriter | None = None
 
     def _apply_range(self, request: web.BaseRequest) -> tuple[int, int]:
-        rng = byte_range(request, self._size)
+        rng = byte_range(request, self._size) if self._ranges else None
         start, end = rng if rng is not None else (0, self._size)
         if rng is not None:
             self.set_status(206)
@@ -86,9 +88,9 @@ class InflightBlobResponse(_RangedBlobResponse):
     from upstream (``remainder``); if the download fails, the connection is cut."""
 
     def __init__(self, download: Download, headers: Mapping[str, str],
-                 remainder: Remainder) -> None:
+                 remainder: Remainder, *, ranges: bool = True) -> None:
         assert download.size is not None
-        super().__init__(download.size, headers)
+        super().__init__(download.size, headers, ranges=ranges)
         self._dl = download
         self._remainder = remainder
 
@@ -172,8 +174,9 @@ class StoredBlobResponse(_RangedBlobResponse):
     failure)."""
 
     def __init__(self, size: int, headers: Mapping[str, str],
-                 read: Callable[[int, int], AsyncGenerator[bytes]]) -> None:
-        super().__init__(size, headers)
+                 read: Callable[[int, int], AsyncGenerator[bytes]], *,
+                 ranges: bool = True) -> None:
+        super().__init__(size, headers, ranges=ranges)
         self._read = read
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:

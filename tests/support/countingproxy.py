@@ -30,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 Kind = Literal["base", "catalog", "blob", "upload", "manifest", "tags", "referrers", "other"]
-Action = Literal["status", "hang", "drop_after", "corrupt", "slow", "hold"]
+Action = Literal["status", "hang", "drop_after", "corrupt", "slow", "hold", "pause_after"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -116,6 +116,8 @@ class Fault:
     offset: int = 0
     gate: asyncio.Event | None = None
     hits: int = 0
+    #: Set when a ``pause_after`` fault has forwarded its bytes and starts waiting.
+    paused: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def status(
@@ -172,6 +174,22 @@ class Fault:
     ) -> Fault:
         """Forward, but close the client connection after ``nbytes`` body bytes."""
         return cls("drop_after", method, kind, path, times, nbytes=nbytes)
+
+    @classmethod
+    def pause_after(
+        cls,
+        nbytes: int,
+        gate: asyncio.Event,
+        *,
+        method: str | None = None,
+        kind: Kind | None = None,
+        path: str | None = None,
+        times: int | None = 1,
+    ) -> Fault:
+        """Forward ``nbytes`` body bytes, then hold the rest until the test sets ``gate``
+        (a download that is surely still in flight, without timing); :attr:`paused` is set
+        once the bytes are written."""
+        return cls("pause_after", method, kind, path, times, nbytes=nbytes, gate=gate)
 
     @classmethod
     def corrupt(
@@ -379,6 +397,13 @@ class CountingProxy:
                         await response.write(chunk[: max(fault.nbytes - sent, 0)])
                         await _drop(request)
                         return response
+                if (fault is not None and fault.action == "pause_after"
+                        and fault.gate is not None and sent <= fault.nbytes < sent + len(chunk)):
+                    head, chunk = chunk[: fault.nbytes - sent], chunk[fault.nbytes - sent :]
+                    await response.write(head)
+                    sent += len(head)
+                    fault.paused.set()
+                    await fault.gate.wait()
                 if fault is not None and fault.action == "slow":
                     await asyncio.sleep(fault.seconds)
                 await response.write(chunk)
