@@ -65,7 +65,7 @@ Measurements. Rows named ``10.`` are issue 10's goals, all judged in the same ru
   straight from the upstream, alternated, ``--reps`` times after an untimed one each: median
   wall time <= 1.0x direct (min-max spread shown);
 * no regression elsewhere: manifest GET by tag (wrk, 32 connections, ``--duration`` s) >= 0.95x
-  the 7377 req/s of bench/RESULTS.md's full run of 2026-11-23 (``393fb4c``, before issue 10's
+  the 7377 req/s of bench/RESULTS-history.md's full run of 2026-11-23 (``393fb4c``, before issue 10's
   work), and the rows below.
 
 The other rows: 1. cold big pull over http, mirrorcache / the peer vs straight from the
@@ -748,10 +748,10 @@ SKOPEO_TIMEOUT = 180.0
 #: A measurement is noisy when foreign processes used more than this share of all CPUs.
 NOISE_SHARE = 0.10
 
-#: Issue 10's "no regression" reference for manifest GETs: bench/RESULTS.md's full run of
+#: Issue 10's "no regression" reference for manifest GETs: bench/RESULTS-history.md's full run of
 #: 2026-11-23 (commit 393fb4c, quiet machine, wrk -t2 -c32 10 s), before issue 10's work.
 MANIFEST_GET_REFERENCE_RPS = 7377.0
-MANIFEST_GET_REFERENCE = "7377 req/s (RESULTS.md full run 2026-11-23, 393fb4c)"
+MANIFEST_GET_REFERENCE = "7377 req/s (RESULTS-history.md: full run 2026-11-23, 393fb4c)"
 
 
 @dataclass
