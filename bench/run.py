@@ -65,8 +65,8 @@ Measurements. Rows named ``10.`` are issue 10's goals, all judged in the same ru
   straight from the upstream, alternated, ``--reps`` times after an untimed one each: median
   wall time <= 1.0x direct (min-max spread shown);
 * no regression elsewhere: manifest GET by tag (wrk, 32 connections, ``--duration`` s) >= 0.95x
-  the 7377 req/s of bench/RESULTS-history.md's full run of 2026-11-23 (``393fb4c``, before issue 10's
-  work), and the rows below.
+  the 7377 req/s of bench/RESULTS-history.md's full run of 2026-11-23 (``393fb4c``, before
+  issue 10's work), and the rows below.
 
 The other rows: 1. cold big pull over http, mirrorcache / the peer vs straight from the
 upstream (info: the earlier >= 0.9x goal) and upstream GETs of the blob per scheme; 3. the
