@@ -108,7 +108,7 @@ class FsBlobWriter:
         the hypervisor), so a download that lets its pages go behind its readers reuses the
         same few MiB of memory. A reader that comes later reads the spool from disk.
         Advisory: errors are ignored."""
-        if self._closed:
+        if self._closed or not _HAS_FADVISE:
             return
         try:
             while self._written - self._writeback_from >= WRITEBACK_STEP:
@@ -228,6 +228,8 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+#: posix_fadvise is Linux's (and some BSDs'); without it drop-behind does nothing.
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
 _SYNC_FILE_RANGE_WRITE = 2
 
 

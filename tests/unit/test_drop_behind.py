@@ -143,3 +143,19 @@ async def test_drop_behind_off_keeps_the_page_cache(tmp_path: Path, small_window
 
     pages, _ = await pump(tmp_path, os.urandom(32 * MiB), off)
     assert pages == list(range(0, 32 * MiB, PAGE))
+
+
+async def test_release_without_fadvise_is_a_no_op(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the platform has no posix_fadvise (macOS), drop-behind does nothing, and the
+    download goes on: it must not raise into the receiving thread."""
+    monkeypatch.setattr(fs, "_HAS_FADVISE", False)
+    monkeypatch.delattr(os, "posix_fadvise")
+    data = os.urandom(24 * MiB)
+    store = FilesystemBlobStore(tmp_path / "cache")
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    async with store.writer(digest) as w:
+        w.write_direct(memoryview(data))
+        w.release(len(data))
+        await w.commit()
+    assert store.path_of(digest).read_bytes() == data
