@@ -230,8 +230,7 @@ class BlobService(PeerFollowing):
         return InflightBlob(dl)
 
     def _start(self, target: Target, digest: Digest, *, ask_owner: bool = True) -> Download:
-        dl = Download(target, digest)
-        dl.drop_behind = self._drop_behind
+        dl = Download(target, digest, drop_behind=self._drop_behind)
         dl.final_path = self._store.local_path(digest)
         if ask_owner and self._owners is not None:
             dl.source = self._owners.blob_source(target, digest,

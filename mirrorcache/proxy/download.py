@@ -45,7 +45,7 @@ log = structlog.get_logger("mirrorcache.blobs")
 
 UPSTREAM_CHUNK = 1 << 20
 #: The fast path's receive buffer: filled from the upstream socket, then hashed and written
-#: to the spool in one go; readers hear of each filled buffer (their sendfile stretch).
+#: to the spool in one go.
 DIRECT_BUFFER = 1 << 20
 #: The receiving thread tells readers of this many new bytes at a time (a sendfile each)...
 NOTIFY_BYTES = 4 << 20
@@ -75,7 +75,7 @@ NO_READER = 1 << 62
 class Download:
     """One in-flight upstream fetch of a blob, readable while it grows."""
 
-    def __init__(self, target: Target, digest: Digest) -> None:
+    def __init__(self, target: Target, digest: Digest, *, drop_behind: bool = True) -> None:
         self.target = target
         self.digest = digest
         self.size: int | None = None
@@ -98,13 +98,15 @@ class Download:
         self._readers: dict[object, int] = {}
         self.readers_low = NO_READER
         #: Let the spool's page cache go behind the slowest reader (``storage.drop_behind``).
-        self.drop_behind = True
+        self.drop_behind = drop_behind
 
     def reader_at(self, reader: object, pos: int) -> None:
         """A reader of the spool has sent everything before ``pos`` (or starts there)."""
         old = self._readers.get(reader)
         self._readers[reader] = pos
-        if old is None or old == self.readers_low or pos < self.readers_low:
+        if pos < self.readers_low:
+            self.readers_low = pos
+        elif old == self.readers_low:  # the slowest moved on: who is slowest now
             self.readers_low = min(self._readers.values())
 
     def reader_left(self, reader: object) -> None:
@@ -319,7 +321,8 @@ async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
 async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     """The fast path of :func:`_pump`: one thread receives the body straight from the
     upstream socket into a buffer, hashes and writes it (hashlib and the syscalls release
-    the GIL); the event loop only hears "the spool grew" once per buffer."""
+    the GIL); the event loop only hears "the spool grew" every NOTIFY_BYTES (or
+    NOTIFY_SECONDS), and once more at the end."""
     await w.flush()
     assert isinstance(w, DirectWriter)
     loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import time
@@ -46,7 +47,6 @@ MAX_IOVEC = 256
 #: Drop-behind (:meth:`FsBlobWriter.release`): writeback of a spool is started in stretches
 #: of this size as they land.
 WRITEBACK_STEP = 16 << 20
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class FsBlobWriter:
@@ -114,7 +114,7 @@ class FsBlobWriter:
             while self._written - self._writeback_from >= WRITEBACK_STEP:
                 _start_writeback(self._fd, self._writeback_from, WRITEBACK_STEP)
                 self._writeback_from += WRITEBACK_STEP
-            until = min(until, self._writeback_from) // _PAGE * _PAGE
+            until = min(until, self._writeback_from) // mmap.PAGESIZE * mmap.PAGESIZE
             if until > self._dropped_until:
                 start = max(self._dropped_until - 2 * WRITEBACK_STEP, 0)
                 os.posix_fadvise(self._fd, start, until - start, os.POSIX_FADV_DONTNEED)

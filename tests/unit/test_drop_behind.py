@@ -159,3 +159,21 @@ async def test_release_without_fadvise_is_a_no_op(tmp_path: Path,
         w.release(len(data))
         await w.commit()
     assert store.path_of(digest).read_bytes() == data
+
+
+def test_readers_low_follows_the_slowest_reader() -> None:
+    dl = Download(Target("up", "r"), Digest.parse("sha256:" + "0" * 64))
+    assert dl.readers_low == download.NO_READER
+    dl.reader_at("a", 10)
+    dl.reader_at("b", 30)
+    dl.reader_at("c", 5)  # a new slowest
+    assert dl.readers_low == 5
+    dl.reader_at("a", 40)  # not the slowest: no change
+    assert dl.readers_low == 5
+    dl.reader_at("c", 50)  # the slowest moves past the others
+    assert dl.readers_low == 30
+    dl.reader_left("b")
+    assert dl.readers_low == 40
+    dl.reader_left("a")
+    dl.reader_left("c")
+    assert dl.readers_low == download.NO_READER
