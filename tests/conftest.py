@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
+from tests.support.countingproxy import CountingProxy
+from tests.support.mirror import Mirror, mirror_config
 from tests.support.registry import RegistryProcess, registry_binary
 from tests.support.s3server import MotoServer
 from tests.support.skopeo import skopeo_binary
@@ -103,3 +106,13 @@ def moto_server() -> Iterator[MotoServer]:
     """moto's standalone server (S3, ECR) as a separate process on a loopback port."""
     with MotoServer() as server:
         yield server
+
+
+@pytest.fixture
+async def hub_and_mirror(tmp_path: Path, registry: RegistryProcess
+                         ) -> AsyncIterator[tuple[CountingProxy, Mirror]]:
+    """A mirror whose ``docker.io`` upstream is the session registry behind a CountingProxy
+    (``hub``: the requests that reached upstream)."""
+    async with CountingProxy(registry.url) as hub:
+        async with Mirror(mirror_config(tmp_path, {"docker.io": {"url": hub.url}})) as mirror:
+            yield hub, mirror

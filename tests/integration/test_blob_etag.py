@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,19 +18,11 @@ from structlog.testing import capture_logs
 from mirrorcache.api.handlers import SENDFILE_LEAD_MIN
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import Blob, make_image, push_image
-from tests.support.mirror import Mirror, mirror_config
+from tests.support.mirror import Mirror
 from tests.support.registry import RegistryProcess
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def hub_and_mirror(tmp_path: Path, registry: RegistryProcess
-                         ) -> AsyncIterator[tuple[CountingProxy, Mirror]]:
-    async with CountingProxy(registry.url) as hub:
-        async with Mirror(mirror_config(tmp_path, {"docker.io": {"url": hub.url}})) as mirror:
-            yield hub, mirror
 
 
 async def pushed_layers(registry: RegistryProcess, repo: str, sizes: list[int]) -> list[Blob]:
