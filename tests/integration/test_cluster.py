@@ -6,7 +6,6 @@ which fetches once and streams; the asker tees the stream into its own cache."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import signal
@@ -21,38 +20,20 @@ from mirrorcache.cluster import signing
 from mirrorcache.proxy.owners import blob_key, tag_key
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import Image, make_image, push_image
-from tests.support.mirrorcluster import SECRET, MirrorCluster, kill_owner_mid_download
+from tests.support.mirrorcluster import (
+    ACCEPT,
+    SECRET,
+    MirrorCluster,
+    kill_owner_mid_download,
+    per_blob_gets,
+    pull,
+    pull_everywhere,
+    sha,
+)
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
-from tests.support.skopeo import skopeo_copy
 
 pytestmark = pytest.mark.integration
-
-ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def pull(http: aiohttp.ClientSession, r: MirrorProcess, repo: str, tag: str,
-               image: Image) -> list[str]:
-    """Pull the image like a client: the manifest by tag, then every blob. Returns the
-    digests of what arrived (asserted equal to what was asked by the caller)."""
-    async with http.get(f"{r.url}/v2/{repo}/manifests/{tag}",
-                        headers={"Accept": ACCEPT}) as resp:
-        assert resp.status == 200, await resp.text()
-        got = [sha(await resp.read())]
-    for blob in image.blobs:
-        async with http.get(f"{r.url}/v2/{repo}/blobs/{blob.digest}") as resp:
-            assert resp.status == 200, await resp.text()
-            got.append(sha(await resp.read()))
-    return got
-
-
-def per_blob_gets(proxy: CountingProxy, image: Image) -> dict[str, int]:
-    return {b.digest: len([s for s in proxy.matching("GET", "blob")
-                           if s.path.endswith(b.digest)]) for b in image.blobs}
 
 
 async def test_30_cold_pulls_over_3_replicas_fetch_each_blob_once(
@@ -65,16 +46,7 @@ async def test_30_cold_pulls_over_3_replicas_fetch_each_blob_once(
         # A slowish upstream (10 ms per 64 KiB), so the pulls overlap the fetches.
         proxy.add_fault(Fault.slow(0.01, method="GET", kind="blob", times=None))
         want = [image.digest, *(b.digest for b in image.blobs)]
-        clients = [asyncio.ensure_future(pull(http, cluster.replicas[i % 3], unique_repo,
-                                              "v1", image)) for i in range(27)]
-        copies = [asyncio.ensure_future(skopeo_copy(
-            f"docker://{r.host}/{unique_repo}:v1", tmp_path / f"skopeo{i}"))
-            for i, r in enumerate(cluster.replicas)]
-        for got in await asyncio.gather(*clients):
-            assert got == want
-        for copy in await asyncio.gather(*copies):
-            for b in image.blobs:
-                assert sha((copy.dest_dir / b.digest.split(":")[1]).read_bytes()) == b.digest
+        await pull_everywhere(cluster, http, unique_repo, image, tmp_path)
         assert per_blob_gets(proxy, image) == {b.digest: 1 for b in image.blobs}
         assert proxy.count("GET", "manifest") == 1
         assert proxy.count("HEAD", "manifest") == 1

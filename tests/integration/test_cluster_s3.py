@@ -23,7 +23,15 @@ import pytest
 from mirrorcache.proxy.owners import blob_key, manifest_key, tag_key
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import Image, make_image, push_image
-from tests.support.mirrorcluster import MirrorCluster, kill_owner_mid_download
+from tests.support.mirrorcluster import (
+    ACCEPT,
+    MirrorCluster,
+    kill_owner_mid_download,
+    per_blob_gets,
+    pull,
+    pull_everywhere,
+    sha,
+)
 from tests.support.mirrorproc import MirrorProcess
 from tests.support.registry import RegistryProcess
 from tests.support.s3server import REGION, MotoServer, aws_env, aws_session, make_bucket
@@ -33,11 +41,6 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def s3_key(digest: str) -> str:
@@ -129,25 +132,6 @@ def s3_cluster(tmp_path: Path, proxy: CountingProxy, shared: SharedBucket, *,
                          env=aws_env(), **kw)
 
 
-async def pull(http: aiohttp.ClientSession, r: MirrorProcess, repo: str, tag: str,
-               image: Image) -> list[str]:
-    """The manifest by tag, then every blob, like a client; the digests of what arrived."""
-    async with http.get(f"{r.url}/v2/{repo}/manifests/{tag}",
-                        headers={"Accept": ACCEPT}) as resp:
-        assert resp.status == 200, await resp.text()
-        got = [sha(await resp.read())]
-    for blob in image.blobs:
-        async with http.get(f"{r.url}/v2/{repo}/blobs/{blob.digest}") as resp:
-            assert resp.status == 200, await resp.text()
-            got.append(sha(await resp.read()))
-    return got
-
-
-def per_blob_gets(proxy: CountingProxy, image: Image) -> dict[str, int]:
-    return {b.digest: len([s for s in proxy.matching("GET", "blob")
-                           if s.path.endswith(b.digest)]) for b in image.blobs}
-
-
 async def peer_requests(cluster: MirrorCluster, **labels: str) -> list[float]:
     return [await cluster.metric(r, "mirrorcache_peer_requests_total", **labels)
             for r in cluster.replicas]
@@ -181,16 +165,7 @@ async def test_30_cold_pulls_one_upstream_get_and_one_s3_object_per_blob(
             aiohttp.ClientSession() as http:
         upstream.add_fault(Fault.slow(0.01, method="GET", kind="blob", times=None))
         want = [image.digest, *(b.digest for b in image.blobs)]
-        clients = [asyncio.ensure_future(pull(http, cluster.replicas[i % 3], unique_repo,
-                                              "v1", image)) for i in range(27)]
-        copies = [asyncio.ensure_future(skopeo_copy(
-            f"docker://{r.host}/{unique_repo}:v1", tmp_path / f"skopeo{i}"))
-            for i, r in enumerate(cluster.replicas)]
-        for got in await asyncio.gather(*clients):
-            assert got == want
-        for copy in await asyncio.gather(*copies):
-            for b in image.blobs:
-                assert sha((copy.dest_dir / b.digest.split(":")[1]).read_bytes()) == b.digest
+        await pull_everywhere(cluster, http, unique_repo, image, tmp_path)
         assert per_blob_gets(upstream, image) == {b.digest: 1 for b in image.blobs}
         assert upstream.count("GET", "manifest") == 1
         # Exactly one S3 object written per blob (and for the manifest): the owners'.

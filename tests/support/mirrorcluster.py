@@ -15,8 +15,10 @@ import yaml
 
 from mirrorcache.cluster import hrw
 from tests.support.countingproxy import CountingProxy, Fault
+from tests.support.images import Image
 from tests.support.mirror import mirror_config
 from tests.support.mirrorproc import MirrorProcess
+from tests.support.skopeo import skopeo_copy
 from tests.support.waiting import wait_until
 
 SECRET = "test-cluster-secret-0123456789abcdef"
@@ -139,3 +141,49 @@ async def kill_owner_mid_download(cluster: MirrorCluster, upstream: CountingProx
     bodies = list(await asyncio.gather(*clients))
     gets = [s for s in upstream.matching("GET", "blob") if s.path.endswith(digest)]
     return others, bodies, len(gets)
+
+
+ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def pull(http: aiohttp.ClientSession, r: MirrorProcess, repo: str, tag: str,
+               image: Image) -> list[str]:
+    """Pull the image like a client: the manifest by tag, then every blob. Returns the
+    digests of what arrived (asserted equal to what was asked by the caller)."""
+    async with http.get(f"{r.url}/v2/{repo}/manifests/{tag}",
+                        headers={"Accept": ACCEPT}) as resp:
+        assert resp.status == 200, await resp.text()
+        got = [sha(await resp.read())]
+    for blob in image.blobs:
+        async with http.get(f"{r.url}/v2/{repo}/blobs/{blob.digest}") as resp:
+            assert resp.status == 200, await resp.text()
+            got.append(sha(await resp.read()))
+    return got
+
+
+def per_blob_gets(proxy: CountingProxy, image: Image) -> dict[str, int]:
+    """Upstream GETs per blob of ``image`` that reached ``proxy``."""
+    return {b.digest: len([s for s in proxy.matching("GET", "blob")
+                           if s.path.endswith(b.digest)]) for b in image.blobs}
+
+
+async def pull_everywhere(cluster: MirrorCluster, http: aiohttp.ClientSession, repo: str,
+                          image: Image, dest: Path) -> None:
+    """27 concurrent client pulls of ``repo:v1`` spread over the three replicas, and a skopeo
+    copy through each replica (into ``dest``), all at once; asserts every manifest and blob
+    that arrived has the right digest."""
+    want = [image.digest, *(b.digest for b in image.blobs)]
+    clients = [asyncio.ensure_future(pull(http, cluster.replicas[i % 3], repo, "v1", image))
+               for i in range(27)]
+    copies = [asyncio.ensure_future(skopeo_copy(f"docker://{r.host}/{repo}:v1",
+                                                dest / f"skopeo{i}"))
+              for i, r in enumerate(cluster.replicas)]
+    for got in await asyncio.gather(*clients):
+        assert got == want
+    for copy in await asyncio.gather(*copies):
+        for b in image.blobs:
+            assert sha((copy.dest_dir / b.digest.split(":")[1]).read_bytes()) == b.digest
