@@ -5,7 +5,7 @@ tree, from /proc) and of Distribution's proxy mode, over plain HTTP and HTTPS up
 Usage::
 
     python bench/coldcpu.py [--mib 512] [--reps 3] [--waiters 1,50] [--https] [--peer]
-                            [--tree LABEL=DIR ...]
+                            [--tree LABEL=DIR ...] [--perf-dir DIR]
 
 Throughput on a shared machine is noise; CPU-seconds of the process doing the work are much
 less so (still inflated a little by cache and scheduler contention), so this harness reports
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,8 +49,14 @@ def fetch(urls: list[str]) -> dict[str, Any]:
     return res
 
 
-def measure(pids_of: Any, urls: list[str], blob: run.BlobFile) -> dict[str, float]:
+def measure(pids_of: Any, urls: list[str], blob: run.BlobFile,
+            perf_to: Path | None = None) -> dict[str, float]:
     pids = pids_of()
+    recorder = None
+    if perf_to is not None:  # the whole machine, this pull only (perf report --sort comm)
+        recorder = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "999", "-q", "-o",
+                                     str(perf_to)], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
     c0 = run.cpu_seconds(pids)
     s0 = run.system_cpu_seconds()
     t0 = time.monotonic()
@@ -57,6 +64,9 @@ def measure(pids_of: Any, urls: list[str], blob: run.BlobFile) -> dict[str, floa
     wall = time.monotonic() - t0
     c1 = run.cpu_seconds(pids)
     s1 = run.system_cpu_seconds()
+    if recorder is not None:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(60)
     bad = [t for t in res["transfers"] if t["error"] or t["bytes"] != blob.size]
     if bad:
         raise RuntimeError(f"failed transfers: {bad[:2]}")
@@ -78,6 +88,8 @@ def main() -> int:
     ap.add_argument("--tree", action="append", default=[],
                     help="LABEL=DIR: run mirrorcache from DIR (default: this checkout)")
     ap.add_argument("--json")
+    ap.add_argument("--perf-dir", type=Path,
+                    help="record each pull machine-wide with perf (perf.<label>.<rep>.data)")
     a = ap.parse_args()
     trees = [t.split("=", 1) for t in a.tree] or [["this", str(BENCH_DIR.parent)]]
     waiters = [int(w) for w in a.waiters.split(",")]
@@ -110,7 +122,9 @@ def main() -> int:
                     m = run.Mirror(work, up_url, 1, n, extra_env=env).start()
                     try:
                         url = f"{m.url}/v2/{img.repo}/blobs/{blob.digest}"
-                        r = measure(m.tree, [url] * w, blob)
+                        perf_to = (a.perf_dir / f"perf.{label}.x{w}.{rep + 1}.data"
+                                   if a.perf_dir else None)
+                        r = measure(m.tree, [url] * w, blob, perf_to)
                     finally:
                         m.stop()
                     key = f"mirrorcache[{label}] x{w}"
@@ -130,7 +144,8 @@ def main() -> int:
 
                     def peer_pids(p: Any = peer) -> list[int]:
                         return run.registry_pids(p)
-                    r = measure(peer_pids, [url], blob)
+                    r = measure(peer_pids, [url], blob,
+                                a.perf_dir / f"perf.peer.{rep + 1}.data" if a.perf_dir else None)
                 finally:
                     peer.close()
                 results.setdefault("peer x1", []).append(r)
