@@ -132,31 +132,20 @@ class GuardedWriter:
     async def cancel(self) -> None:
         await self._inner.cancel()
 
-    def _check_direct(self, n: int) -> None:
-        """The guard for a write from the receiving thread: the check is handed to the
-        event loop and waited for, at the first write and every CHECK_EVERY bytes."""
-        self._unchecked += n
+    def _write_direct(self, data: memoryview) -> None:
+        """``write_direct`` with the guard: runs in the receiving thread, so the check is
+        handed to the event loop and waited for, at the first write and every CHECK_EVERY."""
+        self._unchecked += len(data)
         if not self._checked or self._unchecked >= CHECK_EVERY:
             asyncio.run_coroutine_threadsafe(self._guard.check(self._unchecked),
                                              self._loop).result()
             self._unchecked, self._checked = 0, True
-
-    def _write_direct(self, data: memoryview) -> None:
-        self._check_direct(len(data))
         self._inner.write_direct(data)  # type: ignore[attr-defined]
 
-    def _splice_direct(self, pipe: int, n: int) -> None:
-        self._check_direct(n)
-        self._inner.splice_direct(pipe, n)  # type: ignore[attr-defined]
-
     def __getattr__(self, name: str) -> Any:
-        # Only when the inner writer has them (a DirectWriter, a SplicingWriter).
-        if name == "write_direct":
+        if name == "write_direct":  # only when the inner writer has it (a DirectWriter)
             getattr(self._inner, name)
             return self._write_direct
-        if name == "splice_direct":
-            getattr(self._inner, name)
-            return self._splice_direct
         return getattr(self._inner, name)
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import mmap
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -88,9 +86,6 @@ class Download:
         self.written = 0
         #: How the body was received: "direct" (a thread off the upstream socket) or "loop".
         self.receive = "loop"
-        #: Bytes of the body that moved socket -> pipe -> spool with splice (direct, plain
-        #: TCP): they were never copied into this process.
-        self.spliced = 0
         self.done = False
         #: The digest checked out (the store is still publishing): every byte may be sent.
         self.verified = False
@@ -254,7 +249,6 @@ class Downloading:
             self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
             log.info("blob.committed", upstream=target.upstream, repository=target.repository,
                      digest=str(digest), bytes=dl.written, receive=dl.receive,
-                     spliced=dl.spliced,
                      local_only=local_only,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
             if local_only and isinstance(client, OwnerStream) and client.owner_failed:
@@ -290,13 +284,6 @@ class DirectWriter(Protocol):
     """A store writer that can take bytes from a thread, blocking (FsBlobWriter)."""
 
     def write_direct(self, data: memoryview) -> None: ...
-
-
-@runtime_checkable
-class SplicingWriter(Protocol):
-    """A DirectWriter that takes bytes waiting in a pipe (FsBlobWriter)."""
-
-    def splice_direct(self, pipe: int, n: int) -> None: ...
 
 
 @runtime_checkable
@@ -364,16 +351,10 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         result: str | BaseException | None = None
         release = w.release if dl.drop_behind and isinstance(w, ReleasesBehind) else None
         told, told_at = 0, 0.0
-        pipe = _open_pipe() if isinstance(w, SplicingWriter) else None
         try:
             while raw.remaining:
-                if pipe is not None and raw.can_splice:
-                    n = raw.splice_into(pipe[1], DIRECT_BUFFER)
-                    w.splice_direct(pipe[0], n)  # type: ignore[attr-defined]
-                    dl.spliced += n
-                else:
-                    n = raw.recv_into(buf)
-                    w.write_direct(buf[:n])
+                n = raw.recv_into(buf)
+                w.write_direct(buf[:n])
                 if release is not None:
                     release(min(dl.readers_low, w.size) - KEEP_BEHIND)
                 # Readers hear of NOTIFY_BYTES at a time (each wake-up is a sendfile), or
@@ -393,9 +374,6 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             buf.release()
             with contextlib.suppress(BufferError):
                 area.close()
-            if pipe is not None:
-                for end in pipe:
-                    os.close(end)
         with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits
             loop.call_soon_threadsafe(finish, result)
 
@@ -412,17 +390,6 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     dl.written = w.size
     dl.notify()
     return broke
-
-
-def _open_pipe() -> tuple[int, int] | None:
-    """A pipe to splice a body through (as big as the receive buffer where allowed), or
-    None where there is no splice."""
-    if not hasattr(os, "splice"):
-        return None
-    r, w = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, DIRECT_BUFFER)
-    return r, w
 
 
 class _LocalClaim:

@@ -6,7 +6,6 @@ import asyncio
 import builtins
 import contextlib
 import ctypes
-import errno
 import fcntl
 import hashlib
 import json
@@ -61,8 +60,7 @@ class FsBlobWriter:
         self._hash = hashlib.new(digest.algorithm)
         name = keys.temp_prefix(digest) + secrets.token_hex(6) + keys.TMP_SUFFIX
         self._path = store.root / keys.TMP_DIR / name
-        # Readable too: spliced bytes are hashed from the page cache (splice_direct).
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._written = 0
         self._buf: list[bytes] = []
         self._buf_len = 0
@@ -72,7 +70,6 @@ class FsBlobWriter:
         self.finished = False
         self._writeback_from = 0  # drop-behind: writeback started below this offset
         self._dropped_until = 0  # and pages dropped below this one
-        self._splices = _HAS_SPLICE  # until the file system refuses splice (EINVAL)
 
     @property
     def size(self) -> int:
@@ -86,12 +83,11 @@ class FsBlobWriter:
         for chunk in chunks:
             self._hash.update(chunk)
         total = sum(len(c) for c in chunks)
-        # At the offset, not the file position (splice_direct does not move it).
-        n = os.pwritev(self._fd, chunks, self._written)
+        n = os.writev(self._fd, chunks)
         if n < total:  # a short write: finish the rest piece by piece
             rest = memoryview(b"".join(chunks))[n:]
             while rest:
-                rest = rest[os.pwrite(self._fd, rest, self._written + total - len(rest)):]
+                rest = rest[os.write(self._fd, rest):]
         self._written += total  # only this thread (or, when idle, the loop) writes
 
     def write_direct(self, data: memoryview) -> None:
@@ -101,59 +97,6 @@ class FsBlobWriter:
         if self._closed:
             raise StorageError("write after close")
         self._guarded(self._write_sync, [data])
-
-    def splice_direct(self, pipe: int, n: int) -> None:
-        """Like :meth:`write_direct`, for ``n`` bytes waiting in ``pipe`` (put there by
-        ``splice`` from a socket): they move into the spool's page cache with ``splice``,
-        the one copy they get in this process, and are hashed from there through a
-        read-only mapping, never copied into Python. A file system that cannot take a
-        splice gets them read from the pipe and written. ``size`` grows as it returns."""
-        if self._closed:
-            raise StorageError("write after close")
-        try:
-            self._splice_sync(pipe, n)
-        except OSError as exc:
-            raise StorageError(f"writing {self.digest}: {exc.strerror}") from exc
-
-    def _splice_sync(self, pipe: int, n: int) -> None:
-        """:meth:`splice_direct` itself; OSError as the calls raise it."""
-        start = end = self._written
-        while self._splices and end < start + n:
-            try:
-                moved = os.splice(pipe, self._fd, start + n - end, offset_dst=end)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or end > start:
-                    raise
-                self._splices = False  # this file system does not splice: copy
-                break
-            if moved == 0:
-                raise OSError(errno.EIO, "pipe ended early")
-            end += moved
-        if end > start:
-            self._hash_landed(start, end)
-            self._written = end
-        if end < start + n:  # no splice here: through a buffer
-            rest = start + n - end
-            chunks = []
-            while rest:
-                chunk = os.read(pipe, rest)
-                if not chunk:
-                    raise OSError(errno.EIO, "pipe ended early")
-                chunks.append(chunk)
-                rest -= len(chunk)
-            self._write_sync(chunks)
-
-    def _hash_landed(self, start: int, end: int) -> None:
-        """Hash the spool's bytes ``start:end`` where they lie, in the page cache."""
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(self._fd, end - base, offset=base, access=mmap.ACCESS_READ) as area:
-            view = memoryview(area)
-            part = view[start - base:]
-            try:
-                self._hash.update(part)
-            finally:
-                part.release()
-                view.release()
 
     def release(self, until: int) -> None:
         """Drop-behind, blocking, from the thread that feeds :meth:`write_direct`: nobody
@@ -285,8 +228,6 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
-#: ``os.splice`` (Linux): see FsBlobWriter.splice_direct.
-_HAS_SPLICE = hasattr(os, "splice")
 #: posix_fadvise is Linux's (and some BSDs'); without it drop-behind does nothing.
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
 _SYNC_FILE_RANGE_WRITE = 2

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import select
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -215,55 +214,6 @@ class RawBody:
         self.remaining -= got
         return got
 
-    @property
-    def can_splice(self) -> bool:
-        """The rest of the body can move with :meth:`splice_into`: plain TCP (not TLS), on
-        Linux, with the bytes aiohttp had buffered already read."""
-        return _HAS_SPLICE and self._tls is None and not self._head
-
-    def splice_into(self, pipe: int, limit: int) -> int:
-        """Move up to ``limit`` bytes of the body from the socket into the pipe ``pipe``
-        (``splice``: the kernel hands over the socket's buffers, no copy through this
-        process) and return how many moved; the caller empties the pipe before the next
-        call. Returns once something moved and the socket has nothing more at once (or the
-        pipe is full); 0 only when the body has ended. Only when :attr:`can_splice`. A cut
-        or a silent upstream (``read_timeout``) is ``UpstreamBodyBroken`` when nothing
-        moved; :meth:`abort` wakes a waiting call."""
-        want = min(limit, self.remaining)
-        fd = self._sock.fileno()
-        moved = 0
-        while moved < want:
-            if self._aborted:
-                raise UpstreamBodyBroken(self.upstream, "aborted")
-            try:
-                n = os.splice(fd, pipe, want - moved, flags=_SPLICE_FLAGS)
-            except BlockingIOError:  # the socket has nothing now (or the pipe is full)
-                if moved:
-                    break
-                if not self._wait_readable():
-                    raise UpstreamBodyBroken(self.upstream, "SocketTimeoutError") from None
-                continue
-            except OSError as exc:
-                if moved:
-                    break
-                raise UpstreamBodyBroken(self.upstream, type(exc).__name__) from None
-            if n == 0:
-                if moved:
-                    break
-                raise UpstreamBodyBroken(self.upstream, "aborted" if self._aborted
-                                         else "ClientPayloadError")
-            moved += n
-        self.remaining -= moved
-        return moved
-
-    def _wait_readable(self) -> bool:
-        """Wait until the socket has something to read (or is shut); False after the read
-        timeout passed with nothing."""
-        timeout = self._sock.gettimeout()
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(timeout * 1000, 1)))
-
     def _recv_tls(self, buf: memoryview, got: int, want: int) -> int:
         """Plaintext into ``buf[got:want]``, as much as the TLS session holds (a record per
         ``read``: this loop is the per-record cost, so it is kept tight), else ciphertext
@@ -306,11 +256,6 @@ class RawBody:
     def close(self) -> None:
         self._sock.close()
 
-
-#: ``os.splice`` (Linux): a plain-TCP body moves from the socket into a pipe uncopied.
-_HAS_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_MOVE")
-#: Never block in the kernel: a timeout is waited for with ``poll`` (which ``abort`` wakes).
-_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _HAS_SPLICE else 0
 
 #: ``SSLObject.read(len, buffer)``: with a buffer it returns a count.
 _ReadInto = Callable[[int, memoryview], int]

@@ -7,11 +7,9 @@ back."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import ssl
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from structlog.testing import capture_logs
 
 from mirrorcache.api.services import SERVICES
 from mirrorcache.oci.reference import Digest
-from mirrorcache.proxy.download import DIRECT_BUFFER
 from mirrorcache.storage.fs import FilesystemBlobStore
 from tests.support.countingproxy import CountingProxy, Fault
 from tests.support.images import make_image, push_image
@@ -106,10 +103,6 @@ def committed(logs: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return [(e["receive"], e["bytes"]) for e in logs if e["event"] == "blob.committed"]
 
 
-def spliced(logs: list[dict[str, Any]]) -> list[int]:
-    return [e["spliced"] for e in logs if e["event"] == "blob.committed"]
-
-
 async def assert_cached(tmp_path: Path, digest: str, size: int) -> None:
     info = await FilesystemBlobStore(tmp_path / "cache").stat(Digest.parse(digest))
     assert info is not None and info.size == size
@@ -133,43 +126,8 @@ async def test_plain_http_body_received_off_the_loop_with_tailers(
                                                  for _ in range(5)))
             assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 5
             assert committed(logs) == [("direct", layer.size)]
-            # Past the first receive buffer, the body moved socket -> pipe -> spool.
-            [moved] = spliced(logs)
-            assert layer.size - DIRECT_BUFFER <= moved < layer.size
             assert proxy.count("GET", "blob") == 1
             assert slots_in_use(mirror) == 0
-            await assert_cached(tmp_path, layer.digest, layer.size)
-
-
-async def test_spool_that_cannot_take_a_splice_gets_the_bytes_copied(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file system without splice support (EINVAL into a regular file): the bytes already
-    in the pipe are read and written instead, and the blob is whole and verified."""
-    img = make_image([5_000_000], media="oci", raw=True)
-    await push_image(registry.url, unique_repo, img, "v1")
-    layer = img.layers[0]
-    real_splice = os.splice
-    refused: list[int] = []
-
-    def splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
-        if stat.S_ISREG(os.fstat(dst).st_mode):
-            refused.append(count)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_splice(src, dst, count, *args, **kw)
-
-    monkeypatch.setattr(os, "splice", splice)
-    async with CountingProxy(registry.url) as proxy:
-        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
-        async with Mirror(raw) as mirror:
-            with capture_logs() as logs:
-                results = await asyncio.gather(*(pull(mirror, layer.digest, unique_repo)
-                                                 for _ in range(3)))
-            assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 3
-            assert committed(logs) == [("direct", layer.size)]
-            assert len(refused) == 1  # asked once; copied from then on
-            assert spliced(logs)[0] > 0
-            assert proxy.count("GET", "blob") == 1
             await assert_cached(tmp_path, layer.digest, layer.size)
 
 
@@ -190,7 +148,6 @@ async def test_direct_body_cut_midway_resumes_with_range(
             offset = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
             assert 0 < offset <= 2_500_000
             assert committed(logs) == [("direct", layer.size)]
-            assert spliced(logs)[0] > 0
             resumes = [e for e in logs if e["event"] == "blob.resume"]
             assert [(e["offset"], e["attempt"]) for e in resumes] == [(offset, 1)]
             assert slots_in_use(mirror) == 0
@@ -257,7 +214,6 @@ async def test_tls_upstream_received_directly(tmp_path: Path, stall_at: int | No
                 results = await asyncio.gather(pull(mirror, sha(data)), pull(mirror, sha(data)))
             assert results == [(200, data), (200, data)]
             assert committed(logs) == [("direct", len(data))]
-            assert spliced(logs) == [0]  # TLS: decrypted by the thread, never spliced
             resumes = [(e["offset"], e["error"]) for e in logs if e["event"] == "blob.resume"]
             if stall_at is None:
                 assert len(server.gets) == 1 and resumes == []

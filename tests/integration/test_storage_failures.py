@@ -54,11 +54,6 @@ class _DiskFullWriter(FsBlobWriter):
             raise ENOSPC
         super()._write_sync(chunks)
 
-    def _splice_sync(self, pipe: int, n: int) -> None:  # a spliced body, the same
-        if self._written + n > self.fail_after:
-            raise ENOSPC
-        super()._splice_sync(pipe, n)
-
 
 class _CommitFailsWriter(FsBlobWriter):
     """Commits of anything larger than a manifest fail."""

@@ -125,11 +125,6 @@ async def test_cancel_waits_for_the_thread_without_blocking_the_loop(tmp_path: P
             by_loop.append(released.wait(2))
             self.inner.write_direct(buf)  # type: ignore[attr-defined]
 
-        def splice_direct(self, pipe: int, n: int) -> None:  # the same, spliced
-            entered.set()
-            by_loop.append(released.wait(2))
-            self.inner.splice_direct(pipe, n)  # type: ignore[attr-defined]
-
     async with store.writer(digest) as w:
         task = asyncio.create_task(_pump_direct(raw, WaitsOnLoop(w), dl))  # type: ignore[arg-type]
         assert await asyncio.to_thread(entered.wait, 10)
