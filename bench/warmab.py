@@ -18,7 +18,9 @@ many-clients mix instead (N at once, a tenth of them the ``--mib`` blob, the res
 blobs): wall is first request to last byte of all. ``--strace`` adds one pull per server
 under ``strace -c -f`` (attached to the server's processes) and prints the syscall
 summaries: counts, not timings (strace slows the server). ``--peer`` adds Distribution's
-proxy mode, warm. Everything on 127.0.0.1 under a temporary directory,
+proxy mode, warm. ``--probe`` times small GETs back to back on one more connection during
+each pull (``/v2/``; nginx: a small file): the longest shows how long a send keeps the
+server from answering anyone else. Everything on 127.0.0.1 under a temporary directory,
 removed at exit. Reuses bench/run.py's process helpers.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import resource
 import signal
@@ -33,10 +36,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -69,13 +74,47 @@ def fetch(urls: list[str], hash_mode: str = "none") -> dict[str, Any]:
     return res
 
 
+class Prober:
+    """GETs ``url`` (a tiny response) back to back on one kept-alive connection while a pull
+    runs: how long the server leaves other requests waiting while it sends."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Prober:
+        if self.url:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.url:
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        while not self._stop.wait(0.002):
+            t0 = time.monotonic()
+            conn.request("GET", parts.path)
+            conn.getresponse().read()
+            self.latencies.append(time.monotonic() - t0)
+        conn.close()
+
+
 def pull(pids_of: Callable[[], list[int]], urls: list[str], blobs: list[run.BlobFile],
-         hash_mode: str = "none") -> dict[str, float]:
-    """One fetch.py run of ``urls`` (all at once), ``blobs`` the blob each should bring."""
+         hash_mode: str = "none", probe: str | None = None) -> dict[str, float]:
+    """One fetch.py run of ``urls`` (all at once), ``blobs`` the blob each should bring;
+    ``probe``: a URL to time small GETs of meanwhile."""
     pids = pids_of()
     c0, k0, s0 = run.cpu_seconds(pids), _children_cpu(), run.system_cpu_seconds()
     g0 = tcp_out_segments()
-    res = fetch(urls, hash_mode)
+    with Prober(probe) as prober:
+        res = fetch(urls, hash_mode)
     g1 = tcp_out_segments()
     c1, k1, s1 = run.cpu_seconds(pids), _children_cpu(), run.system_cpu_seconds()
     for t, blob in zip(res["transfers"], blobs, strict=True):
@@ -87,7 +126,9 @@ def pull(pids_of: Callable[[], list[int]], urls: list[str], blobs: list[run.Blob
     size = sum(b.size for b in blobs)
     return {"wall": wall, "mibps": size / MiB / wall, "server_cpu": c1 - c0,
             "client_cpu": k1 - k0, "softirq": s1[1] - s0[1], "busy": s1[0] - s0[0],
-            "segments": g1 - g0}
+            "segments": g1 - g0,
+            "probe_max_ms": max(prober.latencies, default=0.0) * 1000,
+            "probe_n": len(prober.latencies)}
 
 
 def straced(pids: list[int], urls: list[str], blobs: list[run.BlobFile], out: Path,
@@ -121,6 +162,8 @@ def main() -> int:
                     help="LABEL=DIR: a mirrorcache run from DIR (default: this checkout)")
     ap.add_argument("--peer", action="store_true", help="Distribution's proxy mode too")
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--probe", action="store_true",
+                    help="time small GETs (/v2/; nginx: a small file) during each pull")
     ap.add_argument("--strace", action="store_true", help="one more pull each, straced")
     ap.add_argument("--strace-args", default="-c",
                     help="strace options for --strace (default -c: a summary)")
@@ -148,15 +191,18 @@ def main() -> int:
         procs.append(up)
         asyncio.run(run._push(up.url, images))
         servers: dict[str, tuple[list[str], Callable[[], list[int]]]] = {}
+        probes: dict[str, str] = {}
         if not a.no_nginx:
             ngx = run.Nginx(work, "nginx", 1, f"root {work / 'blobs'};").start()
             procs.append(ngx)
             servers["nginx"] = ([f"{ngx.url}/{b.hex}" for b in blobs], ngx.tree)
+            probes["nginx"] = f"{ngx.url}/{images[0].config.hex}"
         for n, (label, tree) in enumerate(trees, 1):
             m = run.Mirror(work, up.url, 1, n, extra_env={"PYTHONPATH": tree}).start()
             procs.append(m)
             servers[f"mc[{label}]"] = (
                 [f"{m.url}/v2/{i.repo}/blobs/{b.digest}" for i, b in plan], m.tree)
+            probes[f"mc[{label}]"] = f"{m.url}/v2/"
         if a.peer:
             d = work / "peer"
             d.mkdir()
@@ -166,6 +212,7 @@ def main() -> int:
             procs.append(peer)
             servers["peer"] = ([f"{peer.url}/v2/{i.repo}/blobs/{b.digest}" for i, b in plan],
                                lambda p=peer: run.registry_pids(p))
+            probes["peer"] = f"{peer.url}/v2/"
         for urls, pids_of in servers.values():  # warm (and check) every server, blob by blob
             for u, b in dict(zip(urls, blobs, strict=True)).items():
                 pull(pids_of, [u], [b], "all")
@@ -176,11 +223,13 @@ def main() -> int:
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 urls, pids_of = servers[name]
-                r = pull(pids_of, urls, blobs)
+                r = pull(pids_of, urls, blobs, probe=probes[name] if a.probe else None)
                 results[name].append(r)
                 print(f"round {rnd + 1} {name:14} {r['mibps']:6.0f} MiB/s  server "
                       f"{r['server_cpu']:.2f} s  client {r['client_cpu']:.2f} s  softirq "
-                      f"{r['softirq']:.2f} s  segments {r['segments']}", flush=True)
+                      f"{r['softirq']:.2f} s  segments {r['segments']}"
+                      + (f"  probe max {r['probe_max_ms']:.1f} ms of {r['probe_n']}"
+                         if a.probe else ""), flush=True)
         print(f"\nmedians of {a.rounds} ({what}):")
         ref = statistics.median(r["mibps"] for r in results[names[0]])
         for name in names:
@@ -191,7 +240,9 @@ def main() -> int:
                   f"  server cpu-s {statistics.median(r['server_cpu'] for r in rs):.2f}"
                   f"  client {statistics.median(r['client_cpu'] for r in rs):.2f}"
                   f"  softirq {statistics.median(r['softirq'] for r in rs):.2f}"
-                  f"  segments {statistics.median(r['segments'] for r in rs):.0f}")
+                  f"  segments {statistics.median(r['segments'] for r in rs):.0f}"
+                  + (f"  probe max ms {statistics.median(r['probe_max_ms'] for r in rs):.1f}"
+                     if a.probe else ""))
         if a.strace:
             for name, (urls, pids_of) in servers.items():
                 print(f"\n== strace {a.strace_args} -f, one pull from {name}")
