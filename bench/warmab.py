@@ -20,8 +20,10 @@ under ``strace -c -f`` (attached to the server's processes) and prints the sysca
 summaries: counts, not timings (strace slows the server). ``--peer`` adds Distribution's
 proxy mode, warm. ``--probe`` times small GETs back to back on one more connection during
 each pull (``/v2/``; nginx: a small file): the longest shows how long a send keeps the
-server from answering anyone else. Everything on 127.0.0.1 under a temporary directory,
-removed at exit. Reuses bench/run.py's process helpers.
+server from answering anyone else. The probes cost CPU too (the server's, more of them
+the shorter its stalls): compare throughput and CPU from runs without ``--probe``.
+Everything on 127.0.0.1 under a temporary directory, removed at exit. Reuses bench/run.py's
+process helpers.
 """
 
 from __future__ import annotations
