@@ -20,7 +20,9 @@ Per pull: wall time, skopeo's CPU (user+sys), the server's CPU (/proc), the othe
 CPU (noise), and how long the server took to send the layer (its own log). ``--tcp`` adds,
 from ``ss -ti`` of the server's end of the layer's connection, segments out, ACKs in and the
 sender's MSS (Linux caps it at half the largest window the client advertised, so a small
-MSS means a small client receive buffer): see bench/RESULTS-cold-path.md.
+MSS means a small client receive buffer): see bench/RESULTS-cold-path.md; and from skopeo's
+end (``ss -tim``), the largest receive buffer (``rb``), ``rcv_space`` and ``rcv_ssthresh``
+seen. The sampling (``ss`` every 50 ms) shows in "other" CPU.
 
 ``--trace`` also prints, for one pull of each, the request sequence seen by each server
 (mirrorcache's ``request.finished`` events, the upstream's access log) with durations,
@@ -91,10 +93,14 @@ class TcpSampler:
     half the largest window the receiver advertised) and the receiver's window."""
 
     FIELDS = ("mss", "segs_out", "segs_in", "snd_wnd", "bytes_acked", "rwnd_limited")
+    #: The client's end of the same connection: its receive buffer (``rb`` of skmem) and
+    #: receive-side autotuning state, largest seen.
+    CLIENT_FIELDS = ("rcv_space", "rcv_ssthresh", "rb", "rcv_wnd")
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.best: dict[str, str] = {}
+        self.client: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -116,6 +122,15 @@ class TcpSampler:
                 acked = int(vals.get("bytes_acked", 0))
                 if acked >= int(self.best.get("bytes_acked", 0)) and acked > 0:
                     self.best = {k: vals.get(k, "") for k in self.FIELDS}
+            out = subprocess.run(["ss", "-tinmH", "state", "established",
+                                  f"( dport = :{self.port} )"], capture_output=True,
+                                 text=True, check=False).stdout
+            for conn in re.split(r"\n(?=\S)", out):
+                vals = dict(re.findall(r"\b(\w+)[:](\d+)\b", conn))
+                vals.update(re.findall(r"\b(rb)(\d+)\b", conn))
+                for k in self.CLIENT_FIELDS:
+                    if k in vals:
+                        self.client[k] = max(self.client.get(k, 0), int(vals[k]))
 
 
 def mirror_events(log_path: Path, offset: int) -> list[dict[str, Any]]:
@@ -231,7 +246,8 @@ def main() -> int:
             return {"wall": wall, "skopeo_cpu": cpu, "server_cpu": server,
                     "blob_ms": blob_ms(label, m_off, u_off),
                     "other_cpu": max(busy - server - cpu, 0.0), "err": err,
-                    "tcp": tcp.best if tcp is not None else {}}
+                    "tcp": {**tcp.best, **{f"client_{k}": str(v) for k, v in tcp.client.items()}}
+                    if tcp is not None else {}}
 
         for label in [*mirrors, "direct"]:  # warm-up: mirror cache, page cache, both sides
             r = pull(label)
@@ -269,7 +285,8 @@ def main() -> int:
                 f"skopeo cpu {res[lb][-1]['skopeo_cpu']:.2f}, server cpu "
                 f"{res[lb][-1]['server_cpu']:.2f}, other {res[lb][-1]['other_cpu']:.2f}"
                 + "".join(f", {k} {v}" for k, v in res[lb][-1]["tcp"].items()
-                          if k in ("mss", "segs_out", "segs_in")) + ")"
+                          if k in ("mss", "segs_out", "segs_in") or k.startswith("client_"))
+                + ")"
                 for lb in seq), flush=True)
 
         def med(label: str, key: str) -> float:

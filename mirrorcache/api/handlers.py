@@ -22,7 +22,7 @@ from mirrorcache.api.inflight import InflightBlobResponse, StoredBlobResponse
 from mirrorcache.api.keys import CACHE_KEY, KIND_KEY, RESPONSE_KEY, TARGET_KEY
 from mirrorcache.api.paths import V2Path, parse_artifact_type, parse_page, parse_v2_path
 from mirrorcache.api.services import SERVICES
-from mirrorcache.api.streaming import count_sent, send_chunks
+from mirrorcache.api.streaming import corked, count_sent, send_chunks
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.oci.reference import Digest, Reference, is_digest, validate_tag
 from mirrorcache.proxy.blobs import UPSTREAM_CHUNK, CachedBlob, InflightBlob, PassthroughBlob
@@ -183,9 +183,9 @@ class BlobFileResponse(web.FileResponse):
 
     async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int,
                         count: int) -> AbstractStreamWriter:
-        """aiohttp's sendfile (after the written lead), counting the bytes sent even when the
-        client goes away (the event loop leaves the file position after the last byte it
-        sent)."""
+        """aiohttp's sendfile (after the written lead), corked (full segments only, see
+        :func:`corked`), counting the bytes sent even when the client goes away (the event
+        loop leaves the file position after the last byte it sent)."""
         lead = SENDFILE_LEAD if count >= SENDFILE_LEAD_MIN else 0
         try:
             if lead:
@@ -195,7 +195,8 @@ class BlobFileResponse(web.FileResponse):
                     None, os.pread, fobj.fileno(), lead, offset)
                 await writer.write(data)
                 count_sent(request, len(data))
-            writer = await super()._sendfile(request, fobj, offset + lead, count - lead)
+            with corked(request.transport):
+                writer = await super()._sendfile(request, fobj, offset + lead, count - lead)
         except BaseException:
             with contextlib.suppress(OSError, ValueError):
                 count_sent(request, max(fobj.tell() - offset - lead, 0))

@@ -3,7 +3,10 @@ response short when it fails after its status line."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 import structlog
 from aiohttp import web
@@ -13,6 +16,37 @@ from mirrorcache.errors import OCIError
 
 log = structlog.get_logger("mirrorcache.api")
 
+#: Linux's "send only full segments" (nginx's ``tcp_nopush``); None elsewhere.
+TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
+
+def _set_cork(transport: asyncio.BaseTransport | None, on: bool) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or TCP_CORK is None:
+        return
+    with contextlib.suppress(OSError):  # not TCP (a Unix socket), or already closed
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, int(on))
+
+
+@contextlib.contextmanager
+def corked(transport: asyncio.BaseTransport | None) -> Iterator[None]:
+    """Full-size TCP segments only while a body goes out by ``sendfile``; the last partial
+    one is pushed when it ends, on any exit.
+
+    ``sendfile`` hands the socket 64 KiB at a time (the kernel's pipe between file and
+    socket), where a loopback segment holds 65483 bytes: with ``TCP_NODELAY`` (aiohttp's
+    default) each ACK that opens the window lets the partial tail go out on its own.
+    Measured (``ss -ti``, 1 GiB to bench/fetch.py): 30k data segments of 36 KB on average
+    and 14k ACKs uncorked, 16.4k full ones and 8k ACKs corked, each segment processed in
+    softirq at both ends. Corked, the headers also leave in the body's first segment. nginx
+    does the same (``tcp_nopush on`` with ``sendfile``). Not for the written lead of
+    ``BlobFileResponse``: corked, it no longer lets skopeo's receive buffer grow.
+    """
+    _set_cork(transport, True)
+    try:
+        yield
+    finally:
+        _set_cork(transport, False)
 
 
 def count_sent(request: web.BaseRequest, n: int) -> None:

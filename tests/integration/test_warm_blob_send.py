@@ -4,13 +4,15 @@ A body of ``SENDFILE_LEAD_MIN`` bytes or more goes out as a written lead of ``SE
 bytes and the rest by sendfile (handlers.py says why: on a fast link a client's TCP receive
 buffer does not grow when the whole body is queued by sendfile); shorter bodies by sendfile
 alone. The bytes must be the same whatever the split, whole blobs and ranges alike, and the
-access log counts what was sent.
+access log counts what was sent. The socket is corked while the body goes out (full TCP
+segments only, streaming.py says why) and uncorked once it is out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,61 @@ async def test_big_cached_blob_written_lead_then_sendfile(
     assert [(e["status"], e["bytes"], e["cache"]) for e in done] == [
         (200, size, "hit"), (200, len(small.data), "hit"),
         *[(206, last + 1 - first, "hit") for first, last in cases], (206, 10, "hit")]
+    assert hub.requests == []
+
+
+TCP_CORK = getattr(socket, "TCP_CORK", None)
+
+
+def _cork(sock: Any) -> int:
+    assert TCP_CORK is not None
+    value: int = sock.getsockopt(socket.IPPROTO_TCP, TCP_CORK)
+    return value
+
+
+@pytest.mark.skipif(TCP_CORK is None, reason="TCP_CORK is Linux's")
+async def test_cached_blob_sent_corked_then_uncorked(
+        hub_and_mirror: tuple[CountingProxy, Mirror], registry: RegistryProcess,
+        unique_repo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sendfile of a cached blob runs corked (without, every 64 KiB the kernel hands the
+    socket ends in a sliver segment of its own: 1.9x the segments, measured); the socket is
+    uncorked once the body is out, so the next response on the kept-alive connection is not
+    held. Fails before the cork: 0 at every sendfile."""
+    hub, mirror = hub_and_mirror
+    img = make_image([SENDFILE_LEAD_MIN + 777, 300_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    loop = asyncio.get_running_loop()
+    real = loop.sendfile
+    at_sendfile: list[int] = []
+    server_socks: list[Any] = []
+
+    async def spy(transport: Any, file: Any, offset: int = 0, count: int | None = None,
+                  **kw: Any) -> int:
+        sock = transport.get_extra_info("socket")
+        at_sendfile.append(_cork(sock))
+        server_socks.append(sock)
+        return await real(transport, file, offset, count, **kw)
+
+    base = f"{mirror.url}/v2/{unique_repo}/blobs"
+    async with aiohttp.ClientSession() as http:
+        for blob in img.layers:  # cold: fetched once, cached
+            async with http.get(f"{base}/{blob.digest}") as resp:
+                assert await resp.read() == blob.data
+        hub.reset()
+        monkeypatch.setattr(loop, "sendfile", spy)
+        for blob in (*img.layers, *img.layers):  # big (a lead, then sendfile), small; twice
+            async with http.get(f"{base}/{blob.digest}") as resp:
+                assert resp.status == 200
+                body = await resp.read()
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+            assert _cork(server_socks[-1]) == 0  # the connection stays open, uncorked
+        async with http.get(f"{base}/{img.layers[0].digest}",
+                            headers={"Range": "bytes=5-9"}) as resp:
+            assert resp.status == 206
+            assert await resp.read() == img.layers[0].data[5:10]
+        assert _cork(server_socks[-1]) == 0
+    assert at_sendfile == [1, 1, 1, 1, 1]
+    assert len({id(s) for s in server_socks}) <= 2  # kept alive: the same connection(s)
     assert hub.requests == []
 
 
