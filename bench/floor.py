@@ -1,0 +1,172 @@
+"""The floor of a cold pull on this machine: what any verifying, caching mirror can reach,
+side by side with Distribution's proxy mode and mirrorcache, in one run.
+
+Usage::
+
+    python bench/floor.py [--mib 1024] [--reps 5]
+
+Issue 10 asks a cold 1 GiB pull through mirrorcache to reach 1.2x the Distribution proxy's
+MiB/s. This harness asks whether any program can, here: it builds ``bench/floor_relay.c``
+(gcc, OpenSSL's libcrypto) and measures, alternated, ``--reps`` times, each against the same
+upstream registry and with the same client (``bench/fetch.py``, which sha256-checks the body):
+
+* **direct**: straight from the upstream registry (the ceiling);
+* **peer**: Distribution's proxy, started anew on an empty cache each time (it relays the
+  body to the client unverified and fetches the blob a second time to store it);
+* **floor relay (cache)**: the least work a mirror that verifies and caches before the last
+  byte must do, in C: one thread recv()s 1 MiB at a time, sha256-hashes and pwrite()s it
+  (with mirrorcache's drop-behind), another sendfile()s the spool to the client as it
+  grows, the last byte held until the digest is known;
+* **floor relay (tee)**: the same work with the client first, in C: recv() 1 MiB and send()
+  it to the client at once (the last byte held until the digest is known), then a second
+  thread hashes and writes it: no hash or file write on the client's path, all of it still
+  on the machine's two cores;
+* **relay (pipe)**: recv() and send(), no hash, no file (streaming only, in C);
+* **mirrorcache**: started anew on an empty cache each time.
+
+Prints MiB/s and CPU seconds per GiB (user+sys of the relaying process, from /proc or
+getrusage) per repetition and as medians, with each one's ratio to the peer. Everything on
+127.0.0.1 under a temporary directory, removed at exit. Reuses bench/run.py's process helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+import run  # noqa: E402
+from coldcpu import fetch  # noqa: E402
+
+MiB = 1 << 20
+
+
+def build_relay(work: Path) -> Path:
+    exe = work / "floor_relay"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(BENCH_DIR / "floor_relay.c"),
+                    "-lcrypto"], check=True)
+    return exe
+
+
+def relay_pull(exe: Path, up_port: int, path: str, spool: Path, mode: str,
+               blob: run.BlobFile) -> dict[str, float]:
+    port = run.free_port()
+    proc = subprocess.Popen([str(exe), str(port), str(up_port), path, str(spool), mode],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("floor_relay did not start")
+        t0 = time.monotonic()
+        res = fetch([f"http://127.0.0.1:{port}/{blob.hex}"])
+        wall = time.monotonic() - t0
+        out = json.loads(proc.stdout.readline())
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        spool.unlink(missing_ok=True)
+    t = res["transfers"][0]
+    if t["error"] or t["bytes"] != blob.size or t.get("sha256") not in (None, blob.hex):
+        raise RuntimeError(f"relay {mode}: bad transfer {t}")
+    if mode != "pipe" and out["sha256"] != blob.hex:
+        raise RuntimeError(f"relay computed {out['sha256']}, expected {blob.hex}")
+    cpu = out["user"] + out["sys"]
+    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": cpu * (1 << 30) / blob.size}
+
+
+def server_pull(pids_of: Callable[[], list[int]], url: str,
+                blob: run.BlobFile) -> dict[str, float]:
+    pids = pids_of()
+    c0 = run.cpu_seconds(pids)
+    t0 = time.monotonic()
+    res = fetch([url])
+    wall = time.monotonic() - t0
+    c1 = run.cpu_seconds(pids)
+    t = res["transfers"][0]
+    if t["error"] or t["bytes"] != blob.size or t.get("sha256") not in (None, blob.hex):
+        raise RuntimeError(f"bad transfer from {url}: {t}")
+    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": (c1 - c0) * (1 << 30) / blob.size}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if shutil.which("gcc") is None:
+        print("gcc is needed to build bench/floor_relay.c", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="floor-", dir=BENCH_DIR / ".work"
+                                 if (BENCH_DIR / ".work").is_dir() else None))
+    procs: list[Any] = []
+    results: dict[str, list[dict[str, float]]] = {}
+    try:
+        exe = build_relay(work)
+        images = run.make_images(work / "blobs", a.mib * MiB, 4 * MiB, 7)
+        img, blob = images[0], images[0].layers[0]
+        up = run.RegistryProcess(workdir=work / "upstream", log_level="warn")
+        (work / "upstream").mkdir()
+        up.start()
+        procs.append(up)
+        asyncio.run(run._push(up.url, images[:1]))
+        path = f"/v2/{img.repo}/blobs/{blob.digest}"
+        up_port = int(up.url.rsplit(":", 1)[1])
+        fetch([up.url + path])  # upstream page cache warm for everyone
+        n = 0
+        for rep in range(a.reps):
+            r = server_pull(lambda: run.registry_pids(up), up.url + path, blob)
+            results.setdefault("direct", []).append(r)
+            n += 1
+            d = work / f"peer-{n}"
+            d.mkdir()
+            peer = run.RegistryProcess(
+                proxy_remote_url=up.url, workdir=d, log_level="warn",
+                extra_config={"log": {"accesslog": {"disabled": True}}}).start()
+            try:
+                r = server_pull(lambda p=peer: run.registry_pids(p), peer.url + path, blob)
+            finally:
+                peer.close()
+            results.setdefault("peer", []).append(r)
+            for mode in ("cache", "tee", "pipe"):
+                r = relay_pull(exe, up_port, path, work / "spool", mode, blob)
+                results.setdefault(f"floor relay ({mode})", []).append(r)
+            m = run.Mirror(work, up.url, 1, n).start()
+            try:
+                r = server_pull(m.tree, m.url + path, blob)
+            finally:
+                m.stop()
+            results.setdefault("mirrorcache", []).append(r)
+            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['mibps']:.0f} MiB/s"
+                                                 for k, v in results.items()), flush=True)
+        peer_mibps = statistics.median(r["mibps"] for r in results["peer"])
+        print(f"\nmedians of {a.reps} ({a.mib} MiB blob, cold, http upstream, one client):")
+        for key, rs in results.items():
+            mibps = statistics.median(r["mibps"] for r in rs)
+            cpu = statistics.median(r["cpu_per_gib"] for r in rs)
+            print(f"  {key:22} {mibps:6.0f} MiB/s  {mibps / peer_mibps:5.2f}x the peer"
+                  f"  {cpu:5.2f} cpu-s/GiB  (MiB/s {min(r['mibps'] for r in rs):.0f}-"
+                  f"{max(r['mibps'] for r in rs):.0f})")
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=1))
+    finally:
+        run.stop_all(procs, work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
