@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,38 +52,17 @@ from coldcpu import fetch  # noqa: E402
 MiB = 1 << 20
 
 
-def build_relay(work: Path) -> Path:
-    exe = work / "floor_relay"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(BENCH_DIR / "floor_relay.c"),
-                    "-lcrypto"], check=True)
-    return exe
-
-
-def relay_pull(exe: Path, up_port: int, path: str, spool: Path, mode: str,
+def relay_pull(relay: run.FloorRelay, up_blob_url: str, mode: str,
                blob: run.BlobFile) -> dict[str, float]:
-    port = run.free_port()
-    proc = subprocess.Popen([str(exe), str(port), str(up_port), path, str(spool), mode],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("floor_relay did not start")
+    with relay.serving(up_blob_url, mode, blob.hex) as url:
         t0 = time.monotonic()
-        res = fetch([f"http://127.0.0.1:{port}/{blob.hex}"])
+        res = fetch([url])
         wall = time.monotonic() - t0
-        out = json.loads(proc.stdout.readline())
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        spool.unlink(missing_ok=True)
     t = res["transfers"][0]
     if t["error"] or t["bytes"] != blob.size or t.get("sha256") not in (None, blob.hex):
         raise RuntimeError(f"relay {mode}: bad transfer {t}")
-    if mode != "pipe" and out["sha256"] != blob.hex:
-        raise RuntimeError(f"relay computed {out['sha256']}, expected {blob.hex}")
-    cpu = out["user"] + out["sys"]
-    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": cpu * (1 << 30) / blob.size}
+    assert relay.cpu is not None
+    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": relay.cpu * (1 << 30) / blob.size}
 
 
 def server_pull(pids_of: Callable[[], list[int]], url: str,
@@ -108,15 +85,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
     a = ap.parse_args()
-    if shutil.which("gcc") is None:
-        print("gcc is needed to build bench/floor_relay.c", file=sys.stderr)
-        return 1
     work = Path(tempfile.mkdtemp(prefix="floor-", dir=BENCH_DIR / ".work"
                                  if (BENCH_DIR / ".work").is_dir() else None))
     procs: list[Any] = []
     results: dict[str, list[dict[str, float]]] = {}
     try:
-        exe = build_relay(work)
+        relay = run.FloorRelay(work)
+        if relay.exe is None:
+            return 1
         images = run.make_images(work / "blobs", a.mib * MiB, 4 * MiB, 7)
         img, blob = images[0], images[0].layers[0]
         up = run.RegistryProcess(workdir=work / "upstream", log_level="warn")
@@ -125,7 +101,6 @@ def main() -> int:
         procs.append(up)
         asyncio.run(run._push(up.url, images[:1]))
         path = f"/v2/{img.repo}/blobs/{blob.digest}"
-        up_port = int(up.url.rsplit(":", 1)[1])
         fetch([up.url + path])  # upstream page cache warm for everyone
         n = 0
         for rep in range(a.reps):
@@ -143,7 +118,7 @@ def main() -> int:
                 peer.close()
             results.setdefault("peer", []).append(r)
             for mode in ("cache", "tee", "pipe"):
-                r = relay_pull(exe, up_port, path, work / "spool", mode, blob)
+                r = relay_pull(relay, up.url + path, mode, blob)
                 results.setdefault(f"floor relay ({mode})", []).append(r)
             m = run.Mirror(work, up.url, 1, n).start()
             try:

@@ -518,6 +518,53 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
             proc.wait(timeout=timeout)
 
 
+class FloorRelay:
+    """``bench/floor_relay.c`` (gcc, OpenSSL's libcrypto), built in the work directory: the
+    least work a cold pull needs from a mirror that verifies and caches, in C (see the C
+    file and bench/floor.py). ``exe`` is None where it cannot be built."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.exe: Path | None = workdir / "floor_relay"
+        gcc = shutil.which("gcc")
+        try:
+            if gcc is None:
+                raise OSError("no gcc")
+            subprocess.run([gcc, "-O2", "-pthread", "-o", str(self.exe),
+                            str(BENCH_DIR / "floor_relay.c"), "-lcrypto"], check=True,
+                           capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"floor relay not built ({exc}): its rows are left out")
+            self.exe = None
+        self.spool = workdir / "floor-spool"
+        #: CPU seconds (user+sys) of the last relay, as it reported them.
+        self.cpu: float | None = None
+
+    @contextlib.contextmanager
+    def serving(self, upstream_blob_url: str, mode: str, digest_hex: str) -> Iterator[str]:
+        """A relay for one GET of the blob at ``upstream_blob_url`` (plain http): yields the
+        URL to pull; afterwards checks the digest it computed (modes cache and tee)."""
+        assert self.exe is not None
+        parts = urlsplit(upstream_blob_url)
+        port = free_port()
+        proc = subprocess.Popen([str(self.exe), str(port), str(parts.port), parts.path,
+                                 str(self.spool), mode], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("floor_relay did not start")
+            yield f"http://127.0.0.1:{port}/{digest_hex}"
+            out = json.loads(proc.stdout.readline())
+            self.cpu = out["user"] + out["sys"]
+            proc.wait(30)
+            if mode != "pipe" and out["sha256"] != digest_hex:
+                raise RuntimeError(f"floor relay computed {out['sha256']}, not {digest_hex}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            self.spool.unlink(missing_ok=True)
+
+
 class Mirror:
     """mirrorcache as a subprocess on an empty cache directory."""
 
@@ -1093,10 +1140,18 @@ class Bench:
         peer_cpu_stored: dict[str, list[tuple[float, Meas]]] = {k: [] for k in schemes}
         mc_gets: dict[str, list[int]] = {k: [] for k in schemes}
         peer_gets: dict[str, list[int]] = {k: [] for k in schemes}
+        # The floor (bench/floor_relay.c): the same verify-and-cache work in C, and with the
+        # client first (tee), over plain http: how far this machine lets any mirror go.
+        floor = FloorRelay(self.s.workdir)
+        floors: dict[str, list[tuple[float, Meas]]] = {"cache": [], "tee": []}
         per_gib = (1 << 30) / blob.size
         for rep in range(self.s.reps):
             with self.measured(f"cold big: upstream direct #{rep + 1}") as m:
                 up.append((self.pull_one(up_url, blob, "upstream"), m))
+            for mode in floors if floor.exe is not None else ():
+                with floor.serving(up_url, mode, blob.hex) as relay_url, \
+                        self.measured(f"cold big http: C floor relay ({mode}) #{rep + 1}") as m:
+                    floors[mode].append((self.pull_one(relay_url, blob, f"floor {mode}"), m))
             for scheme in schemes:
                 self.restart_both(self.scheme_url(scheme))
                 self.get_manifest(self._m.url, img)
@@ -1138,6 +1193,21 @@ class Bench:
             t_pr = _mibps(blob.size, quiet_median(peer[scheme]))
             self.rows.append(_ratio_row(f"10. cold {size} {scheme}: mirrorcache vs peer",
                                         t_mc, t_pr, "MiB/s", 1.2))
+        if floors["cache"]:
+            t_pr = _mibps(blob.size, quiet_median(peer["http"]))
+            t_mc = _mibps(blob.size, quiet_median(mc["http"]))
+            for mode, what in (("cache", "verify+cache, as mirrorcache"),
+                               ("tee", "client first, then hash+write")):
+                t_fl = _mibps(blob.size, quiet_median(floors[mode]))
+                self.rows.append(Row(f"10. cold {size} http: C floor relay ({what}) vs peer",
+                                     f"{t_fl:.0f} MiB/s", f"{t_pr:.0f} MiB/s",
+                                     f"{t_fl / t_pr:.2f}x", "info", None))
+            t_fl = _mibps(blob.size, quiet_median(floors["cache"]))
+            self.rows.append(Row(f"10. cold {size} http: mirrorcache vs the C floor relay",
+                                 f"{t_mc:.0f} MiB/s", f"{t_fl:.0f} MiB/s",
+                                 f"{t_mc / t_fl:.2f}x", "info", None))
+            self.details["cold big samples (s)"].update(
+                {f"C floor relay {k} http": _fmt(v) for k, v in floors.items()})
         for scheme in ("http", "https"):
             c_mc = quiet_median(mc_cpu[scheme])
             c_pr = quiet_median(peer_cpu[scheme])
