@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import BinaryIO
 
@@ -21,6 +22,7 @@ from mirrorcache.api.keys import RESPONSE_KEY
 from mirrorcache.api.streaming import abort, count_sent, send_chunks
 from mirrorcache.errors import ErrorCode, OCIError
 from mirrorcache.proxy.blobs import CacheWriteFailed, Download, DownloadFailed
+from mirrorcache.proxy.download import DirectSink
 
 #: Bytes per read where the event loop cannot sendfile (uvloop).
 FALLBACK_CHUNK = 1 << 18
@@ -117,23 +119,76 @@ class InflightBlobResponse(_RangedBlobResponse):
             await self._send_head(request)
             await self._finish_uncached(request, pos, end)
             return self._writer
+        sink: DirectSink | None = None
+        lend = True  # the first time this reader catches up
         with f:
             await self._send_head(request)
             try:
                 while pos < end:
                     if pos >= limit:
+                        if lend:  # caught up: client first
+                            lend = False
+                            sink = self._lend(request, f, pos, end)
+                        if sink is not None and sink.lent:
+                            await dl.changed()
+                            if (sink.lent and dl.error is None
+                                    and not (dl.done or dl.verified)):
+                                reached = sink.pos  # the thread sends: follow it
+                                count_sent(request, reached - pos)
+                                pos = limit = reached
+                                dl.reader_at(self, pos)
+                                continue
+                            pos = limit = self._take_back(request, sink, pos)
+                            continue
                         limit = await dl.available(pos, end)
                     await self._send_range(request, f, pos, limit - pos)
                     pos = limit
                     dl.reader_at(self, pos)
             except CacheWriteFailed:
+                if sink is not None:
+                    pos = self._take_back(request, sink, pos)
                 await self._finish_uncached(request, pos, end)
                 return self._writer
             except DownloadFailed as exc:
                 abort(request, exc)
                 return self._writer
+            finally:
+                if sink is not None:
+                    self._take_back(request, sink, pos)
+                    sink.sock.close()
         await self.write_eof()
         return self._writer
+
+    def _lend(self, request: web.BaseRequest, f: BinaryIO, pos: int, end: int
+              ) -> DirectSink | None:
+        """Lend this connection to the receiving thread (:class:`DirectSink`) when it is
+        plain TCP with nothing queued in the transport; None otherwise."""
+        transport = request.transport
+        if (transport is None or transport.is_closing()
+                or transport.get_extra_info("sslcontext") is not None
+                or transport.get_write_buffer_size()):
+            return None
+        sock = transport.get_extra_info("socket")
+        if (sock is None or sock.type != socket.SOCK_STREAM
+                or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)):
+            return None
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        dup.setblocking(False)
+        sink = DirectSink(dup, f.fileno(), pos, end)
+        if not self._dl.lend(sink):
+            dup.close()
+            return None
+        return sink
+
+    @staticmethod
+    def _take_back(request: web.BaseRequest, sink: DirectSink, pos: int) -> int:
+        """End the loan (idempotent); the position reached, counting what the thread sent."""
+        reached = max(sink.end_loan(), pos)
+        count_sent(request, reached - pos)
+        return reached
 
     async def _finish_uncached(self, request: web.BaseRequest, pos: int, end: int) -> None:
         """Storage failed under the download: send the rest straight from upstream."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +74,56 @@ class CacheWriteFailed(DownloadFailed):
 NO_READER = 1 << 62
 
 
+class DirectSink:
+    """Client first: the connection of a reader that has caught up with a download, lent
+    to the receiving thread, which sends each new stretch of the body to it straight from
+    its receive buffer, before hashing and writing it (the client's bytes then wait for
+    neither). Never the blob's last byte (it waits for the digest, as for every reader),
+    never beyond ``end``, and never waiting: what the socket does not take now is sent from
+    the spool (sendfile) when the next stretch arrives, and at the end the reader takes the
+    connection back and sends the rest as before. A failed send ends the loan. ``lock`` is
+    held while the thread sends: once the reader has taken it back (:meth:`end_loan`), the
+    thread never touches the socket again."""
+
+    def __init__(self, sock: socket.socket, spool: int, pos: int, end: int) -> None:
+        self.sock = sock
+        self.spool = spool
+        self.pos = pos
+        self.end = end
+        self.lent = True
+        self.lock = threading.Lock()
+
+    def feed(self, buf: memoryview, at: int, size: int | None) -> int:
+        """From the receiving thread: ``buf`` holds the body's bytes from ``at`` (all
+        before ``at`` are in the spool). Returns the bytes sent."""
+        with self.lock:
+            if not self.lent:
+                return 0
+            began = self.pos
+            stop = min(at + len(buf), self.end, (NO_READER if size is None else size) - 1)
+            try:
+                if self.pos < min(at, stop):  # fell behind: the gap from the spool first
+                    self.pos += os.sendfile(self.sock.fileno(), self.spool, self.pos,
+                                            min(at, stop) - self.pos)
+                if self.pos >= at:
+                    view = buf[self.pos - at:stop - at]
+                    while view:
+                        k = self.sock.send(view)
+                        self.pos += k
+                        view = view[k:]
+            except BlockingIOError:
+                pass  # the client's socket is full: the rest from the spool, later
+            except OSError:  # the client went away (or any other failure): no more
+                self.lent = False
+            return self.pos - began
+
+    def end_loan(self) -> int:
+        """From the reader: take the connection back; returns the position reached."""
+        with self.lock:
+            self.lent = False
+            return self.pos
+
+
 class Download:
     """One in-flight upstream fetch of a blob, readable while it grows."""
 
@@ -99,6 +151,20 @@ class Download:
         self.readers_low = NO_READER
         #: Let the spool's page cache go behind the slowest reader (``storage.drop_behind``).
         self.drop_behind = drop_behind
+        #: The reader whose connection the receiving thread feeds first (DirectSink).
+        self.sink: DirectSink | None = None
+        #: Bytes sent through sinks (logged at commit).
+        self.sink_bytes = 0
+
+    def lend(self, sink: DirectSink) -> bool:
+        """Offer a caught-up reader's connection to the receiving thread (one at a time,
+        and only while a thread receives)."""
+        if self.sink is not None and self.sink.lent:
+            return False
+        if self.done or self.verified or self.error is not None or self.receive != "direct":
+            return False
+        self.sink = sink
+        return True
 
     def reader_at(self, reader: object, pos: int) -> None:
         """A reader of the spool has sent everything before ``pos`` (or starts there)."""
@@ -116,6 +182,12 @@ class Download:
     def notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
+
+    async def changed(self) -> None:
+        """Wait for the next news of this download (more bytes, the end, a failure)."""
+        ev = self._changed
+        if self.error is None and not (self.done or self.verified):
+            await ev.wait()
 
     def readable_until(self) -> int:
         """Bytes a reader may send now: all once verified, else all but the last."""
@@ -249,6 +321,7 @@ class Downloading:
             self._metrics.upstream_bytes.labels(target.upstream).inc(dl.written)
             log.info("blob.committed", upstream=target.upstream, repository=target.repository,
                      digest=str(digest), bytes=dl.written, receive=dl.receive,
+                     client_first=dl.sink_bytes,
                      local_only=local_only,
                      duration_ms=round((time.monotonic() - started) * 1000, 1))
             if local_only and isinstance(client, OwnerStream) and client.owner_failed:
@@ -354,6 +427,9 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         try:
             while raw.remaining:
                 n = raw.recv_into(buf)
+                sink = dl.sink
+                if sink is not None and sink.lent:
+                    dl.sink_bytes += sink.feed(buf[:n], w.size, dl.size)
                 w.write_direct(buf[:n])
                 if release is not None:
                     release(min(dl.readers_low, w.size) - KEEP_BEHIND)

@@ -131,6 +131,65 @@ async def test_plain_http_body_received_off_the_loop_with_tailers(
             await assert_cached(tmp_path, layer.digest, layer.size)
 
 
+def client_first(logs: list[dict[str, Any]]) -> list[int]:
+    return [e["client_first"] for e in logs if e["event"] == "blob.committed"]
+
+
+async def test_first_client_is_fed_from_the_receive_buffer(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """Client first: the caught-up client gets most of the body straight from the receiving
+    thread's buffer (before it is hashed and written), never the last byte before the digest
+    is checked; its bytes, the cache and the upstream GET count are as without."""
+    img = make_image([24_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                status, body = await pull(mirror, layer.digest, unique_repo)
+            assert status == 200 and sha(body) == layer.digest and len(body) == layer.size
+            [fed] = client_first(logs)
+            assert layer.size // 2 < fed <= layer.size - 1
+            finished = [e for e in logs if e["event"] == "request.finished"]
+            assert [e["bytes"] for e in finished] == [layer.size]  # access log counts all
+            assert proxy.count("GET", "blob") == 1
+            await assert_cached(tmp_path, layer.digest, layer.size)
+
+
+async def test_slow_first_client_takes_its_connection_back(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """A client that does not keep up: the receiving thread's send finds its socket full,
+    ends the loan at once (it never waits for a client), and the client gets the rest from
+    the spool, every byte right; the download is not slowed for the fast client beside it."""
+    img = make_image([24_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+
+            async def slow() -> tuple[int, bytes]:
+                conn = aiohttp.TCPConnector(force_close=True)
+                async with aiohttp.ClientSession(connector=conn,
+                                                 read_bufsize=1 << 14) as http, \
+                        http.get(url) as resp:
+                    got = bytearray()
+                    async for piece in resp.content.iter_chunked(1 << 14):
+                        got += piece
+                        if len(got) < 4_000_000:
+                            await asyncio.sleep(0.002)  # slow at first: the loan ends
+                    return resp.status, bytes(got)
+
+            with capture_logs() as logs:
+                results = await asyncio.gather(slow(), pull(mirror, layer.digest, unique_repo))
+            assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 2
+            assert proxy.count("GET", "blob") == 1
+            assert committed(logs) == [("direct", layer.size)]
+            await assert_cached(tmp_path, layer.digest, layer.size)
+
+
 async def test_direct_body_cut_midway_resumes_with_range(
         tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
     img = make_image([4_000_000], media="oci", raw=True)
