@@ -162,9 +162,11 @@ class InflightBlobResponse(_RangedBlobResponse):
     def _lend(self, request: web.BaseRequest, f: BinaryIO, pos: int, end: int
               ) -> DirectSink | None:
         """Lend this connection to the receiving thread (:class:`DirectSink`) when it is
-        plain TCP with nothing queued in the transport; None otherwise."""
+        plain TCP on asyncio's own loop with nothing queued in the transport (the status
+        line and headers went out with the first stretch); None otherwise."""
         transport = request.transport
-        if (transport is None or transport.is_closing()
+        if (not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)  # uvloop
+                or transport is None or transport.is_closing()
                 or transport.get_extra_info("sslcontext") is not None
                 or transport.get_write_buffer_size()):
             return None

@@ -146,13 +146,23 @@ async def test_first_client_is_fed_from_the_receive_buffer(
     async with CountingProxy(registry.url) as proxy:
         raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
         async with Mirror(raw) as mirror:
+            url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
             with capture_logs() as logs:
-                status, body = await pull(mirror, layer.digest, unique_repo)
-            assert status == 200 and sha(body) == layer.digest and len(body) == layer.size
+                async with aiohttp.ClientSession() as http:  # one kept-alive connection
+                    bodies, ports = [], []
+                    for _ in range(2):  # cold, client first; then a hit on the same one
+                        async with http.get(url) as resp:
+                            assert resp.status == 200 and resp.connection is not None
+                            transport = resp.connection.transport
+                            assert transport is not None
+                            ports.append(transport.get_extra_info("sockname")[1])
+                            bodies.append(await resp.read())
+                    assert ports[0] == ports[1]  # the connection was given back, reused
+            assert [sha(b) for b in bodies] == [layer.digest] * 2
             [fed] = client_first(logs)
             assert layer.size // 2 < fed <= layer.size - 1
             finished = [e for e in logs if e["event"] == "request.finished"]
-            assert [e["bytes"] for e in finished] == [layer.size]  # access log counts all
+            assert [e["bytes"] for e in finished] == [layer.size] * 2  # counts all
             assert proxy.count("GET", "blob") == 1
             await assert_cached(tmp_path, layer.digest, layer.size)
 
