@@ -316,3 +316,67 @@ async def test_space_guard_refusing_sends_a_direct_receive_to_bypass(
             assert proxy.count("GET", "blob") == 2  # the refused cache fetch, then bypass
             assert slots_in_use(mirror) == 0
     assert await FilesystemBlobStore(tmp_path / "cache").stat(Digest.parse(layer.digest)) is None
+
+
+@dataclass
+class ChunkedResumeServer(BlobServer):
+    """The first GET: ``Content-Length`` (received by a thread), gone silent after
+    ``stall_at`` bytes; the resume (Range): chunked (received on the loop), in 256 KiB
+    pieces, waiting (bounded) after ``hold_at`` of them until ``progressed`` is set."""
+
+    hold_at: int = 0
+    progressed: asyncio.Event = field(default_factory=asyncio.Event)
+    held_ok: bool | None = None
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        if request.http_range.start is None:
+            return await super().blob(request)
+        data = self.blobs[request.match_info["digest"]]
+        self.gets.append(dict(request.headers))
+        start = request.http_range.start
+        resp = web.StreamResponse(status=206, headers={
+            "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i, pos in enumerate(range(start, len(data), 256 * 1024)):
+            if i == self.hold_at:
+                try:  # shorter than the read timeout: the body is not broken
+                    await asyncio.wait_for(self.progressed.wait(), 0.8)
+                    self.held_ok = True
+                except TimeoutError:
+                    self.held_ok = False
+            await resp.write(data[pos:pos + 256 * 1024])
+        await resp.write_eof()
+        return resp
+
+
+async def test_client_first_loan_ends_when_the_resumed_body_comes_on_the_loop(
+        tmp_path: Path) -> None:
+    """The reader lent its connection while a thread received; the body went silent and
+    the resume is chunked, received on the loop (no thread feeds the loan): the reader must
+    take its connection back and keep sending from the spool while the resumed body arrives,
+    not sit until the whole download is done."""
+    data = os.urandom(10_000_000)
+    offset = 1_000_000
+    server = ChunkedResumeServer(blobs={sha(data): data}, stall_at=offset, hold_at=24)
+    ts = await start(server)
+    try:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": str(ts.make_url("")).rstrip("/"),
+                                                     "read_timeout": "1s"}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                async with aiohttp.ClientSession() as http, \
+                        http.get(f"{mirror.url}/v2/{REPO}/blobs/{sha(data)}") as resp:
+                    assert resp.status == 200
+                    got = bytearray()
+                    async for piece in resp.content.iter_chunked(1 << 16):
+                        got += piece
+                        if len(got) >= offset + (1 << 19):
+                            server.progressed.set()
+            assert bytes(got) == data
+            assert server.held_ok is True  # the client got resumed bytes while held
+            assert len(server.gets) == 2 and server.gets[1]["Range"] == f"bytes={offset}-"
+            assert committed(logs) == [("direct", len(data))]
+            await assert_cached(tmp_path, sha(data), len(data))
+    finally:
+        await ts.close()
