@@ -138,6 +138,9 @@ class Download:
         self.written = 0
         #: How the body was received: "direct" (a thread off the upstream socket) or "loop".
         self.receive = "loop"
+        #: The body now comes through a thread (a caught-up reader may lend it its
+        #: connection), not the event loop (a resumed body may come either way).
+        self.threaded = False
         self.done = False
         #: The digest checked out (the store is still publishing): every byte may be sent.
         self.verified = False
@@ -161,7 +164,7 @@ class Download:
         and only while a thread receives)."""
         if self.sink is not None and self.sink.lent:
             return False
-        if self.done or self.verified or self.error is not None or self.receive != "direct":
+        if self.done or self.verified or self.error is not None or not self.threaded:
             return False
         self.sink = sink
         return True
@@ -372,7 +375,11 @@ async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
         raw = body.raw()
         if raw is not None:
             dl.receive = "direct"
+            dl.threaded = True
             return await _pump_direct(raw, w, dl)
+    dl.threaded = False
+    if dl.sink is not None:  # no thread feeds a lent connection now: its reader takes it back
+        dl.sink.end_loan()
     broke: str | None = None
     try:
         async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
