@@ -380,3 +380,50 @@ async def test_client_first_loan_ends_when_the_resumed_body_comes_on_the_loop(
             await assert_cached(tmp_path, sha(data), len(data))
     finally:
         await ts.close()
+
+
+async def test_first_client_behind_gets_the_spool_while_upstream_is_silent(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """Client first, the lent client falls behind (its socket full, the thread leaves it a
+    gap), then upstream goes quiet (under the read timeout): the client still gets every
+    byte already in the spool, as any reader does, not only once upstream speaks again."""
+    img = make_image([64_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    held = 56_000_000
+    async with CountingProxy(registry.url) as proxy:
+        gate = asyncio.Event()
+        pause = proxy.add_fault(Fault.pause_after(held, gate, kind="blob", method="GET"))
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+            got = bytearray()
+            reached = asyncio.Event()
+
+            async def client() -> int:
+                async with aiohttp.ClientSession(read_bufsize=1 << 16) as http, \
+                        http.get(url) as resp:
+                    async for piece in resp.content.iter_chunked(1 << 16):
+                        got.extend(piece)
+                        if 2_000_000 <= len(got) < 2_000_000 + (1 << 16):
+                            await pause.paused.wait()  # behind: upstream ran ahead, quiet
+                        if len(got) >= held - (6 << 20):  # (the thread tells of 4 MiB at a time)
+                            reached.set()
+                    return resp.status
+
+            with capture_logs() as logs:
+                task = asyncio.create_task(client())
+                try:
+                    await asyncio.wait_for(reached.wait(), 5)
+                    in_time = True
+                except TimeoutError:
+                    in_time = False
+                at_gate = len(got)
+                gate.set()
+                status = await task
+            assert status == 200 and sha(bytes(got)) == layer.digest
+            [fed] = client_first(logs)
+            assert fed > 0  # the connection was lent
+            assert in_time, f"{at_gate} of {held} bytes while upstream was quiet, fed {fed}"
+            assert proxy.count("GET", "blob") == 1
+            await assert_cached(tmp_path, layer.digest, layer.size)
