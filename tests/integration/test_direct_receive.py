@@ -427,3 +427,42 @@ async def test_first_client_behind_gets_the_spool_while_upstream_is_silent(
             assert in_time, f"{at_gate} of {held} bytes while upstream was quiet, fed {fed}"
             assert proxy.count("GET", "blob") == 1
             await assert_cached(tmp_path, layer.digest, layer.size)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    lines = head.split("\r\n")
+    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
+                  if k.lower() == "content-length")
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def test_client_first_with_ranges_and_pipelined_requests(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """Client first under a Range that ends before the blob does and with requests
+    pipelined behind it on the same connection: every answer whole and in order, each
+    access-log entry counts its own bytes, one upstream GET."""
+    img = make_image([24_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            port = int(mirror.host.rsplit(":", 1)[1])
+            path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with capture_logs() as logs:
+                writer.write("".join(
+                    f"GET {p} HTTP/1.1\r\nHost: x\r\n{h}\r\n"
+                    for p, h in [(path, "Range: bytes=0-9999999\r\n"), (path, ""),
+                                 (path, "Range: bytes=5-\r\n"), ("/v2/", "")]).encode())
+                answers = [await read_response(reader) for _ in range(4)]
+            writer.close()
+            assert [s for s, _ in answers] == [206, 200, 206, 200]
+            assert answers[0][1] == layer.data[:10_000_000]
+            assert answers[1][1] == layer.data and answers[2][1] == layer.data[5:]
+            [fed] = client_first(logs)
+            assert fed > 0
+            finished = [e["bytes"] for e in logs if e["event"] == "request.finished"]
+            assert finished[:3] == [10_000_000, layer.size, layer.size - 5]
+            assert proxy.count("GET", "blob") == 1
