@@ -120,17 +120,18 @@ class InflightBlobResponse(_RangedBlobResponse):
             await self._finish_uncached(request, pos, end)
             return self._writer
         sink: DirectSink | None = None
-        lend = True  # the first time this reader catches up
+        lend = True  # caught up (again) after sending on its own: client first
         with f:
             await self._send_head(request)
             try:
                 while pos < end:
                     if pos >= limit:
-                        if lend:  # caught up: client first
-                            lend = False
+                        if sink is None and lend and min(dl.readable_until(), end) <= pos:
+                            lend = False  # caught up with all the loop has heard of
                             sink = self._lend(request, f, pos, end)
-                        if sink is not None and sink.lent:
-                            await dl.changed()
+                        if sink is not None:
+                            if sink.lent:
+                                await dl.changed()
                             if (sink.lent and dl.error is None
                                     and not (dl.done or dl.verified)):
                                 reached = sink.pos  # the thread sends: follow it
@@ -138,15 +139,20 @@ class InflightBlobResponse(_RangedBlobResponse):
                                 pos = limit = reached
                                 dl.reader_at(self, pos)
                                 continue
+                            # The loan ended (here, or by the thread: a full or failed
+                            # socket): where the thread got to, read under its lock.
                             pos = limit = self._take_back(request, sink, pos)
+                            sink = None
                             continue
                         limit = await dl.available(pos, end)
                     await self._send_range(request, f, pos, limit - pos)
+                    lend = True
                     pos = limit
                     dl.reader_at(self, pos)
             except CacheWriteFailed:
                 if sink is not None:
                     pos = self._take_back(request, sink, pos)
+                    sink = None
                 await self._finish_uncached(request, pos, end)
                 return self._writer
             except DownloadFailed as exc:
@@ -155,7 +161,6 @@ class InflightBlobResponse(_RangedBlobResponse):
             finally:
                 if sink is not None:
                     self._take_back(request, sink, pos)
-                    sink.sock.close()
         await self.write_eof()
         return self._writer
 
@@ -165,7 +170,8 @@ class InflightBlobResponse(_RangedBlobResponse):
         plain TCP on asyncio's own loop with nothing queued in the transport (the status
         line and headers went out with the first stretch); None otherwise."""
         transport = request.transport
-        if (not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)  # uvloop
+        if (not self._dl.lendable()
+                or not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)  # uvloop
                 or transport is None or transport.is_closing()
                 or transport.get_extra_info("sslcontext") is not None
                 or transport.get_write_buffer_size()):
@@ -187,8 +193,10 @@ class InflightBlobResponse(_RangedBlobResponse):
 
     @staticmethod
     def _take_back(request: web.BaseRequest, sink: DirectSink, pos: int) -> int:
-        """End the loan (idempotent); the position reached, counting what the thread sent."""
+        """End the loan (idempotent) and close the lent socket's duplicate; the position
+        reached, counting what the thread sent."""
         reached = max(sink.end_loan(), pos)
+        sink.sock.close()  # the thread touches it only while lent
         count_sent(request, reached - pos)
         return reached
 

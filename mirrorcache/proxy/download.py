@@ -79,11 +79,11 @@ class DirectSink:
     to the receiving thread, which sends each new stretch of the body to it straight from
     its receive buffer, before hashing and writing it (the client's bytes then wait for
     neither). Never the blob's last byte (it waits for the digest, as for every reader),
-    never beyond ``end``, and never waiting: what the socket does not take now is sent from
-    the spool (sendfile) when the next stretch arrives, and at the end the reader takes the
-    connection back and sends the rest as before. A failed send ends the loan. ``lock`` is
-    held while the thread sends: once the reader has taken it back (:meth:`end_loan`), the
-    thread never touches the socket again."""
+    never beyond ``end``, and never waiting: a socket that does not take a whole stretch
+    now ends the loan (the reader, told at once, sends the rest from the spool as before,
+    and may lend again once it has caught up), as does any failed send, and at the end the
+    reader takes the connection back. ``lock`` is held while the thread sends: once the
+    loan has ended (:meth:`end_loan`), the thread never touches the socket again."""
 
     def __init__(self, sock: socket.socket, spool: int, pos: int, end: int) -> None:
         self.sock = sock
@@ -111,10 +111,10 @@ class DirectSink:
                         k = self.sock.send(view)
                         self.pos += k
                         view = view[k:]
-            except BlockingIOError:
-                pass  # the client's socket is full: the rest from the spool, later
-            except OSError:  # the client went away (or any other failure): no more
-                self.lent = False
+            except OSError:  # its socket is full, or the client went away
+                pass
+            if self.pos < stop:  # not all sent: the reader sends the rest from the spool
+                self.lent = False  # (at once: as it would, were upstream to go quiet now)
             return self.pos - began
 
     def end_loan(self) -> int:
@@ -138,6 +138,9 @@ class Download:
         self.written = 0
         #: How the body was received: "direct" (a thread off the upstream socket) or "loop".
         self.receive = "loop"
+        #: The body now comes through a thread (a caught-up reader may lend it its
+        #: connection), not the event loop (a resumed body may come either way).
+        self.threaded = False
         self.done = False
         #: The digest checked out (the store is still publishing): every byte may be sent.
         self.verified = False
@@ -156,12 +159,15 @@ class Download:
         #: Bytes sent through sinks (logged at commit).
         self.sink_bytes = 0
 
+    def lendable(self) -> bool:
+        """A caught-up reader may lend its connection now (:meth:`lend`)."""
+        return (self.threaded and not (self.sink is not None and self.sink.lent)
+                and not (self.done or self.verified) and self.error is None)
+
     def lend(self, sink: DirectSink) -> bool:
         """Offer a caught-up reader's connection to the receiving thread (one at a time,
         and only while a thread receives)."""
-        if self.sink is not None and self.sink.lent:
-            return False
-        if self.done or self.verified or self.error is not None or self.receive != "direct":
+        if not self.lendable():
             return False
         self.sink = sink
         return True
@@ -372,7 +378,11 @@ async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
         raw = body.raw()
         if raw is not None:
             dl.receive = "direct"
+            dl.threaded = True
             return await _pump_direct(raw, w, dl)
+    dl.threaded = False
+    if dl.sink is not None:  # no thread feeds a lent connection now: its reader takes it back
+        dl.sink.end_loan()
     broke: str | None = None
     try:
         async with contextlib.aclosing(body.chunks(UPSTREAM_CHUNK)) as chunks:
@@ -428,15 +438,17 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             while raw.remaining:
                 n = raw.recv_into(buf)
                 sink = dl.sink
+                ended = False  # a loan ended: its reader is told now, not after NOTIFY_*
                 if sink is not None and sink.lent:
                     dl.sink_bytes += sink.feed(buf[:n], w.size, dl.size)
+                    ended = not sink.lent
                 w.write_direct(buf[:n])
                 if release is not None:
                     release(min(dl.readers_low, w.size) - KEEP_BEHIND)
                 # Readers hear of NOTIFY_BYTES at a time (each wake-up is a sendfile), or
                 # of less once NOTIFY_SECONDS passed (a slow upstream); the end is told
                 # when the thread is done.
-                if ((w.size - told >= NOTIFY_BYTES
+                if ((ended or w.size - told >= NOTIFY_BYTES
                      or time.monotonic() - told_at >= NOTIFY_SECONDS)
                         and not pending.is_set()):
                     told, told_at = w.size, time.monotonic()

@@ -316,3 +316,153 @@ async def test_space_guard_refusing_sends_a_direct_receive_to_bypass(
             assert proxy.count("GET", "blob") == 2  # the refused cache fetch, then bypass
             assert slots_in_use(mirror) == 0
     assert await FilesystemBlobStore(tmp_path / "cache").stat(Digest.parse(layer.digest)) is None
+
+
+@dataclass
+class ChunkedResumeServer(BlobServer):
+    """The first GET: ``Content-Length`` (received by a thread), gone silent after
+    ``stall_at`` bytes; the resume (Range): chunked (received on the loop), in 256 KiB
+    pieces, waiting (bounded) after ``hold_at`` of them until ``progressed`` is set."""
+
+    hold_at: int = 0
+    progressed: asyncio.Event = field(default_factory=asyncio.Event)
+    held_ok: bool | None = None
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        if request.http_range.start is None:
+            return await super().blob(request)
+        data = self.blobs[request.match_info["digest"]]
+        self.gets.append(dict(request.headers))
+        start = request.http_range.start
+        resp = web.StreamResponse(status=206, headers={
+            "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i, pos in enumerate(range(start, len(data), 256 * 1024)):
+            if i == self.hold_at:
+                try:  # shorter than the read timeout: the body is not broken
+                    await asyncio.wait_for(self.progressed.wait(), 0.8)
+                    self.held_ok = True
+                except TimeoutError:
+                    self.held_ok = False
+            await resp.write(data[pos:pos + 256 * 1024])
+        await resp.write_eof()
+        return resp
+
+
+async def test_client_first_loan_ends_when_the_resumed_body_comes_on_the_loop(
+        tmp_path: Path) -> None:
+    """The reader lent its connection while a thread received; the body went silent and
+    the resume is chunked, received on the loop (no thread feeds the loan): the reader must
+    take its connection back and keep sending from the spool while the resumed body arrives,
+    not sit until the whole download is done."""
+    data = os.urandom(10_000_000)
+    offset = 1_000_000
+    server = ChunkedResumeServer(blobs={sha(data): data}, stall_at=offset, hold_at=24)
+    ts = await start(server)
+    try:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": str(ts.make_url("")).rstrip("/"),
+                                                     "read_timeout": "1s"}})
+        async with Mirror(raw) as mirror:
+            with capture_logs() as logs:
+                async with aiohttp.ClientSession() as http, \
+                        http.get(f"{mirror.url}/v2/{REPO}/blobs/{sha(data)}") as resp:
+                    assert resp.status == 200
+                    got = bytearray()
+                    async for piece in resp.content.iter_chunked(1 << 16):
+                        got += piece
+                        if len(got) >= offset + (1 << 19):
+                            server.progressed.set()
+            assert bytes(got) == data
+            assert server.held_ok is True  # the client got resumed bytes while held
+            assert len(server.gets) == 2 and server.gets[1]["Range"] == f"bytes={offset}-"
+            assert committed(logs) == [("direct", len(data))]
+            await assert_cached(tmp_path, sha(data), len(data))
+    finally:
+        await ts.close()
+
+
+async def test_first_client_behind_gets_the_spool_while_upstream_is_silent(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """Client first, the lent client falls behind (its socket full, the thread leaves it a
+    gap), then upstream goes quiet (under the read timeout): the client still gets every
+    byte already in the spool, as any reader does, not only once upstream speaks again."""
+    img = make_image([64_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    held = 56_000_000
+    async with CountingProxy(registry.url) as proxy:
+        gate = asyncio.Event()
+        pause = proxy.add_fault(Fault.pause_after(held, gate, kind="blob", method="GET"))
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+            got = bytearray()
+            reached = asyncio.Event()
+
+            async def client() -> int:
+                async with aiohttp.ClientSession(read_bufsize=1 << 16) as http, \
+                        http.get(url) as resp:
+                    async for piece in resp.content.iter_chunked(1 << 16):
+                        got.extend(piece)
+                        if 2_000_000 <= len(got) < 2_000_000 + (1 << 16):
+                            await pause.paused.wait()  # behind: upstream ran ahead, quiet
+                        if len(got) >= held - (6 << 20):  # (the thread tells of 4 MiB at a time)
+                            reached.set()
+                    return resp.status
+
+            with capture_logs() as logs:
+                task = asyncio.create_task(client())
+                try:
+                    await asyncio.wait_for(reached.wait(), 5)
+                    in_time = True
+                except TimeoutError:
+                    in_time = False
+                at_gate = len(got)
+                gate.set()
+                status = await task
+            assert status == 200 and sha(bytes(got)) == layer.digest
+            [fed] = client_first(logs)
+            assert fed > 0  # the connection was lent
+            assert in_time, f"{at_gate} of {held} bytes while upstream was quiet, fed {fed}"
+            assert proxy.count("GET", "blob") == 1
+            await assert_cached(tmp_path, layer.digest, layer.size)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    lines = head.split("\r\n")
+    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
+                  if k.lower() == "content-length")
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def test_client_first_with_ranges_and_pipelined_requests(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+    """Client first under a Range that ends before the blob does and with requests
+    pipelined behind it on the same connection: every answer whole and in order, each
+    access-log entry counts its own bytes, one upstream GET."""
+    img = make_image([24_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    async with CountingProxy(registry.url) as proxy:
+        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
+        async with Mirror(raw) as mirror:
+            port = int(mirror.host.rsplit(":", 1)[1])
+            path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with capture_logs() as logs:
+                writer.write("".join(
+                    f"GET {p} HTTP/1.1\r\nHost: x\r\n{h}\r\n"
+                    for p, h in [(path, "Range: bytes=0-9999999\r\n"), (path, ""),
+                                 (path, "Range: bytes=5-\r\n"), ("/v2/", "")]).encode())
+                answers = [await read_response(reader) for _ in range(4)]
+            writer.close()
+            assert [s for s, _ in answers] == [206, 200, 206, 200]
+            assert answers[0][1] == layer.data[:10_000_000]
+            assert answers[1][1] == layer.data and answers[2][1] == layer.data[5:]
+            [fed] = client_first(logs)
+            assert fed > 0
+            finished = [e["bytes"] for e in logs if e["event"] == "request.finished"]
+            assert finished[:3] == [10_000_000, layer.size, layer.size - 5]
+            assert proxy.count("GET", "blob") == 1

@@ -210,6 +210,32 @@ async def test_disk_full_mid_stream_finishes_every_client(
         assert _tmp_files(tmp_path) == []
 
 
+class _DiskFullAt8MiB(_DiskFullWriter):
+    fail_after = 8 << 20
+
+
+@pytest.mark.parametrize("rng", [None, "bytes=0-15999999"])
+async def test_disk_full_under_a_lent_connection(
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str, rng: str | None) -> None:
+    """Client first: the receiving thread sends each stretch to the lent connection before
+    writing it, so the client may be past the spool when the disk fills; the rest comes
+    from upstream from where the client really is: every byte once, the access log exact."""
+    img = make_image([24_000_000], media="oci", raw=True)
+    await push_image(registry.url, unique_repo, img, "v1")
+    layer = img.layers[0]
+    store = InjectedStore(tmp_path / "cache", _DiskFullAt8MiB)
+    async with mirror_with(tmp_path, registry.url, store, chunk=1 << 16) as (mirror, proxy):
+        url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+        with capture_logs() as logs:
+            status, _, body = await get(url, headers={"Range": rng} if rng else {})
+        want = layer.data if rng is None else layer.data[:16_000_000]
+        assert (status, body == want) == (200 if rng is None else 206, True)
+        assert [e["bytes"] for e in logs if e["event"] == "request.finished"] == [len(want)]
+        gets = proxy.matching("GET", "blob")
+        assert len(gets) == 2 and gets[1].headers["Range"].startswith("bytes=")
+        assert _tmp_files(tmp_path) == []
+
+
 async def test_commit_failing_finishes_the_client(
         tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
     img = make_image([500_000], media="oci", raw=True)
