@@ -161,7 +161,9 @@ class Download:
 
     def lendable(self) -> bool:
         """A caught-up reader may lend its connection now (:meth:`lend`)."""
-        return (self.threaded and not (self.sink is not None and self.sink.lent)
+        # A known size: the thread must know which byte is the last (held for the digest).
+        return (self.threaded and self.size is not None
+                and not (self.sink is not None and self.sink.lent)
                 and not (self.done or self.verified) and self.error is None)
 
     def lend(self, sink: DirectSink) -> bool:
