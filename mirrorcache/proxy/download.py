@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
@@ -49,6 +50,10 @@ UPSTREAM_CHUNK = 1 << 20
 #: The fast path's receive buffer: filled from the upstream socket, then hashed and written
 #: to the spool in one go.
 DIRECT_BUFFER = 1 << 20
+#: Buffers a direct download may have received and not yet written: the receiving thread
+#: fills one (and sends it to a lent client) while the writing thread hashes and writes
+#: the ones before.
+RING_BUFFERS = 3
 #: The receiving thread tells readers of this many new bytes at a time (a sendfile each)...
 NOTIFY_BYTES = 4 << 20
 #: ... or of fewer once this long passed since it last told them.
@@ -428,42 +433,73 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         else:
             finished.set_result(result)
 
-    def run() -> None:
-        # Page-aligned (an anonymous map rather than a bytearray at malloc's offset), like
-        # the page-cache folios the kernel copies it into.
-        area = mmap.mmap(-1, DIRECT_BUFFER)
-        buf = memoryview(area)
-        result: str | BaseException | None = None
-        release = w.release if dl.drop_behind and isinstance(w, ReleasesBehind) else None
-        told, told_at = 0, 0.0
+    told = [w.size, 0.0]  # what readers were last told of, and when
+
+    def tell(now: bool = False) -> None:
+        """Readers hear of NOTIFY_BYTES at a time (each wake-up is a sendfile), or of less
+        once NOTIFY_SECONDS passed (a slow upstream), or ``now`` (a loan ended); the end
+        is told when the threads are done. From either thread."""
+        if ((now or w.size - told[0] >= NOTIFY_BYTES
+             or time.monotonic() - told[1] >= NOTIFY_SECONDS) and not pending.is_set()):
+            told[:] = [w.size, time.monotonic()]
+            pending.set()
+            loop.call_soon_threadsafe(progress)
+
+    release = w.release if dl.drop_behind and isinstance(w, ReleasesBehind) else None
+    ring = _Ring(RING_BUFFERS, DIRECT_BUFFER)
+
+    def write() -> None:
+        """The writing thread: hashes and writes each stretch the receiving one hands over,
+        in order, while that one receives (and sends to a lent client) the next."""
         try:
-            while raw.remaining:
-                n = raw.recv_into(buf)
-                sink = dl.sink
-                ended = False  # a loan ended: its reader is told now, not after NOTIFY_*
-                if sink is not None and sink.lent:
-                    dl.sink_bytes += sink.feed(buf[:n], w.size, dl.size)
-                    ended = not sink.lent
-                w.write_direct(buf[:n])
+            while (item := ring.take()) is not None:
+                view, n = item
+                try:
+                    w.write_direct(view[:n])
+                finally:
+                    ring.give_back(view)
                 if release is not None:
                     release(min(dl.readers_low, w.size) - KEEP_BEHIND)
-                # Readers hear of NOTIFY_BYTES at a time (each wake-up is a sendfile), or
-                # of less once NOTIFY_SECONDS passed (a slow upstream); the end is told
-                # when the thread is done.
-                if ((ended or w.size - told >= NOTIFY_BYTES
-                     or time.monotonic() - told_at >= NOTIFY_SECONDS)
-                        and not pending.is_set()):
-                    told, told_at = w.size, time.monotonic()
-                    pending.set()
-                    loop.call_soon_threadsafe(progress)
+                tell()
+        except BaseException as exc:  # StorageError, or a bug: the loop side raises it
+            ring.fail(exc)
+
+    def run() -> None:
+        """The receiving thread."""
+        result: str | BaseException | None = None
+        writer = threading.Thread(target=write, name=f"mirrorcache-fetch-{dl.digest.hex[:12]}-w",
+                                  daemon=True)
+        writer.start()
+        received = w.size
+        try:
+            while raw.remaining:
+                view = ring.acquire()
+                if view is None:  # the writing thread failed
+                    break
+                try:
+                    n = raw.recv_into(view)
+                except BaseException:
+                    ring.give_back(view)
+                    raise
+                sink = dl.sink
+                if sink is not None and sink.lent:
+                    if sink.pos < received:  # a gap the spool must hold first
+                        ring.drained()
+                    dl.sink_bytes += sink.feed(view[:n], received, dl.size)
+                    if not sink.lent:
+                        tell(now=True)
+                received += n
+                ring.submit(view, n)
         except UpstreamBodyBroken as exc:
             result = exc.reason
-        except BaseException as exc:  # StorageError, or a bug: the loop side raises it
+        except BaseException as exc:  # a bug: the loop side raises it
             result = exc
         finally:
-            buf.release()
-            with contextlib.suppress(BufferError):
-                area.close()
+            ring.close()  # what was received is still written
+            writer.join()
+            ring.release()
+        if ring.error is not None:
+            result = ring.error
         with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits
             loop.call_soon_threadsafe(finish, result)
 
@@ -480,6 +516,70 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     dl.written = w.size
     dl.notify()
     return broke
+
+
+class _Ring:
+    """The buffers between a download's receiving thread and its writing thread: page-aligned
+    anonymous maps (like the page-cache folios the kernel copies them into), handed over in
+    order; at most ``count`` in use, so a download holds ``count * size`` bytes."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._areas = [mmap.mmap(-1, size) for _ in range(count)]
+        self._free = deque(memoryview(a) for a in self._areas)
+        self._full: deque[tuple[memoryview, int]] = deque()
+        self._count = count
+        self._closed = False
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def acquire(self) -> memoryview | None:
+        """A free buffer (waits for one); None once the writing thread has failed."""
+        with self._cond:
+            while not self._free and self.error is None:
+                self._cond.wait()
+            return self._free.popleft() if self.error is None else None
+
+    def submit(self, view: memoryview, n: int) -> None:
+        with self._cond:
+            self._full.append((view, n))
+            self._cond.notify_all()
+
+    def take(self) -> tuple[memoryview, int] | None:
+        """The next stretch to write (waits for one); None once closed and all written."""
+        with self._cond:
+            while not self._full and not self._closed:
+                self._cond.wait()
+            return self._full.popleft() if self._full else None
+
+    def give_back(self, view: memoryview) -> None:
+        with self._cond:
+            self._free.append(view)
+            self._cond.notify_all()
+
+    def drained(self) -> None:
+        """Wait until every stretch handed over is written (the caller holds one buffer)."""
+        with self._cond:
+            while (len(self._free) < self._count - 1 or self._full) and self.error is None:
+                self._cond.wait()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.error = exc
+            self._free.extend(view for view, _ in self._full)  # never written now
+            self._full.clear()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        for view in self._free:
+            view.release()
+        for area in self._areas:
+            with contextlib.suppress(BufferError):
+                area.close()
 
 
 class _LocalClaim:
