@@ -5,17 +5,21 @@ writer is closed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from mirrorcache.oci.reference import Digest
-from mirrorcache.proxy.download import DIRECT_BUFFER, Download, _pump_direct
+from mirrorcache.proxy import download
+from mirrorcache.proxy.download import DIRECT_BUFFER, DirectSink, Download, _pump_direct
 from mirrorcache.proxy.routing import Target
+from mirrorcache.storage.base import StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
 from mirrorcache.upstream.registry import RawBody
 
@@ -133,6 +137,96 @@ async def test_cancel_waits_for_the_thread_without_blocking_the_loop(tmp_path: P
         with pytest.raises(asyncio.CancelledError):
             await task
         assert by_loop == [True]
+        assert fetch_threads() == []
+    sender.join()
+    theirs.close()
+    raw.close()
+
+
+class _SlowWrites:
+    """A writer whose every ``write_direct`` first waits ``delay`` seconds."""
+
+    def __init__(self, inner: object, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def write_direct(self, buf: memoryview) -> None:
+        time.sleep(self.delay)
+        self.inner.write_direct(buf)  # type: ignore[attr-defined]
+
+
+async def test_loan_ended_mid_stretch_is_told_once_that_stretch_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lent client whose socket takes only part of a stretch ends the loan: its reader
+    goes on from the spool where the thread got to (inside that stretch), so the loop must
+    hear of the stretch once it is written, while upstream is silent (not only at upstream's
+    next bytes). NOTIFY_SECONDS is long here, so only that tell can tell it."""
+    monkeypatch.setattr(download, "NOTIFY_SECONDS", 3600.0)
+    data = os.urandom(3 * DIRECT_BUFFER)
+    store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
+    dl.size, dl.threaded = len(data), True
+    sender = send(theirs, data[:DIRECT_BUFFER], close=False)  # then silence
+    client, peer = socket.socketpair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    async with store.writer(digest) as w:
+        assert w.local_path is not None
+        spool = os.open(w.local_path, os.O_RDONLY)
+        sink = DirectSink(client, spool, 0, len(data))
+        assert dl.lend(sink)
+        task = asyncio.create_task(_pump_direct(raw, _SlowWrites(w, 0.1), dl))  # type: ignore[arg-type]
+        deadline = loop.time() + 3
+        while dl.written < DIRECT_BUFFER and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not sink.lent
+        assert 0 < sink.pos < DIRECT_BUFFER
+        assert dl.written == w.size == DIRECT_BUFFER  # told, upstream still silent
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fetch_threads() == []
+        os.close(spool)
+    sender.join()
+    for s in (theirs, client, peer):
+        s.close()
+    raw.close()
+
+
+async def test_storage_failure_ends_the_pump_while_upstream_is_silent(tmp_path: Path) -> None:
+    """The writing thread fails (disk full) while the receiving one waits on a silent
+    upstream: the pump raises the StorageError now (its readers go on from upstream), not
+    once upstream sends a whole buffer more or its read times out (30 s here)."""
+    data = os.urandom(3 * DIRECT_BUFFER)
+    store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
+    sender = send(theirs, data[:DIRECT_BUFFER + 1000], close=False)  # then silence
+
+    class Full:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def write_direct(self, buf: memoryview) -> None:
+            raise StorageError("disk full")
+
+    loop = asyncio.get_running_loop()
+    async with store.writer(digest) as w:
+        began = loop.time()
+        task = asyncio.create_task(_pump_direct(raw, Full(w), dl))  # type: ignore[arg-type]
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert done, "the pump waited for upstream after the writer failed"
+        with pytest.raises(StorageError):
+            task.result()
+        assert loop.time() - began < 5
         assert fetch_threads() == []
     sender.join()
     theirs.close()
