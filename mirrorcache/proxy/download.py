@@ -453,14 +453,15 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         in order, while that one receives (and sends to a lent client) the next."""
         try:
             while (item := ring.take()) is not None:
-                view, n = item
+                view, n, ended = item
                 try:
                     w.write_direct(view[:n])
                 finally:
                     ring.give_back(view)
                 if release is not None:
                     release(min(dl.readers_low, w.size) - KEEP_BEHIND)
-                tell()
+                # A loan ended in this stretch: its reader goes on from the spool, inside it.
+                tell(now=ended)
         except BaseException as exc:  # StorageError, or a bug: the loop side raises it
             ring.fail(exc)
 
@@ -482,14 +483,16 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
                     ring.give_back(view)
                     raise
                 sink = dl.sink
+                ended = False  # a loan ended: told now, and again once this stretch is written
                 if sink is not None and sink.lent:
                     if sink.pos < received:  # a gap the spool must hold first
                         ring.drained()
                     dl.sink_bytes += sink.feed(view[:n], received, dl.size)
                     if not sink.lent:
+                        ended = True
                         tell(now=True)
                 received += n
-                ring.submit(view, n)
+                ring.submit(view, n, ended)
         except UpstreamBodyBroken as exc:
             result = exc.reason
         except BaseException as exc:  # a bug: the loop side raises it
@@ -526,7 +529,7 @@ class _Ring:
     def __init__(self, count: int, size: int) -> None:
         self._areas = [mmap.mmap(-1, size) for _ in range(count)]
         self._free = deque(memoryview(a) for a in self._areas)
-        self._full: deque[tuple[memoryview, int]] = deque()
+        self._full: deque[tuple[memoryview, int, bool]] = deque()
         self._count = count
         self._closed = False
         self.error: BaseException | None = None
@@ -539,12 +542,12 @@ class _Ring:
                 self._cond.wait()
             return self._free.popleft() if self.error is None else None
 
-    def submit(self, view: memoryview, n: int) -> None:
+    def submit(self, view: memoryview, n: int, flag: bool = False) -> None:
         with self._cond:
-            self._full.append((view, n))
+            self._full.append((view, n, flag))
             self._cond.notify_all()
 
-    def take(self) -> tuple[memoryview, int] | None:
+    def take(self) -> tuple[memoryview, int, bool] | None:
         """The next stretch to write (waits for one); None once closed and all written."""
         with self._cond:
             while not self._full and not self._closed:
@@ -565,7 +568,7 @@ class _Ring:
     def fail(self, exc: BaseException) -> None:
         with self._cond:
             self.error = exc
-            self._free.extend(view for view, _ in self._full)  # never written now
+            self._free.extend(view for view, _, _ in self._full)  # never written now
             self._full.clear()
             self._cond.notify_all()
 
