@@ -464,6 +464,7 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
                 tell(now=ended)
         except BaseException as exc:  # StorageError, or a bug: the loop side raises it
             ring.fail(exc)
+            raw.abort()  # the receiving thread may wait on a silent upstream: wake it
 
     def run() -> None:
         """The receiving thread."""
