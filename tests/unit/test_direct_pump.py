@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import mmap
 import os
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from mirrorcache.oci.reference import Digest
 from mirrorcache.proxy import download
-from mirrorcache.proxy.download import DIRECT_BUFFER, DirectSink, Download, _pump_direct
+from mirrorcache.proxy.download import DIRECT_BUFFER, DirectSink, Download, _pump_direct, _Ring
 from mirrorcache.proxy.routing import Target
 from mirrorcache.storage.base import StorageError
 from mirrorcache.storage.fs import FilesystemBlobStore
@@ -231,3 +233,48 @@ async def test_storage_failure_ends_the_pump_while_upstream_is_silent(tmp_path: 
     sender.join()
     theirs.close()
     raw.close()
+
+
+async def test_writing_thread_that_cannot_start_fails_the_pump(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread left for the writing one (``can't start new thread``): the pump raises, as
+    when the receiving thread cannot start, instead of waiting forever (and with it every
+    client of the blob)."""
+    class NoWriter(threading.Thread):
+        def start(self) -> None:
+            if self.name.endswith("-w"):
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(download, "threading", types.SimpleNamespace(
+        Thread=NoWriter, Event=threading.Event, Condition=threading.Condition))
+    data = os.urandom(DIRECT_BUFFER)
+    store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
+    async with store.writer(digest) as w:
+        task = asyncio.create_task(_pump_direct(raw, w, dl))
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done:
+            raw.abort()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert done, "the pump waits for a writing thread that never started"
+        with pytest.raises(RuntimeError):
+            task.result()
+        assert fetch_threads() == []
+    theirs.close()
+    raw.close()
+
+
+def test_ring_buffer_handed_over_after_the_writer_failed_is_still_unmapped() -> None:
+    """The receiving thread may hand over a buffer it filled while the writing thread
+    failed: that buffer is never written, and its map is closed like the others."""
+    ring = _Ring(3, mmap.PAGESIZE)
+    view = ring.acquire()
+    assert view is not None
+    ring.fail(StorageError("disk full"))
+    ring.submit(view, 10)
+    ring.close()
+    assert ring.take() is None
+    ring.release()
+    assert all(area.closed for area in ring._areas)
