@@ -471,9 +471,9 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
         result: str | BaseException | None = None
         writer = threading.Thread(target=write, name=f"mirrorcache-fetch-{dl.digest.hex[:12]}-w",
                                   daemon=True)
-        writer.start()
         received = w.size
         try:
+            writer.start()  # may fail (no thread left): the loop side raises it
             while raw.remaining:
                 view = ring.acquire()
                 if view is None:  # the writing thread failed
@@ -500,7 +500,8 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
             result = exc
         finally:
             ring.close()  # what was received is still written
-            writer.join()
+            if writer.ident is not None:  # started
+                writer.join()
             ring.release()
         if ring.error is not None:
             result = ring.error
