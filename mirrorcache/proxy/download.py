@@ -546,7 +546,10 @@ class _Ring:
 
     def submit(self, view: memoryview, n: int, flag: bool = False) -> None:
         with self._cond:
-            self._full.append((view, n, flag))
+            if self.error is not None:  # the writing thread failed: never written
+                self._free.append(view)
+            else:
+                self._full.append((view, n, flag))
             self._cond.notify_all()
 
     def take(self) -> tuple[memoryview, int, bool] | None:
