@@ -514,10 +514,15 @@ async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     try:
         broke = await finished
     finally:
-        if thread.is_alive():  # cancelled: stop the thread before the writer is closed
+        if thread.is_alive():  # cancelled: stop the threads before the writer is closed
             raw.abort()
             # Off the loop: the thread may be waiting on the loop (the space guard's check).
-            await asyncio.to_thread(thread.join)
+            # Cancelled again meanwhile, still wait: the writing thread may have a few MiB
+            # queued, and the store writer must not be closed under it.
+            join = asyncio.ensure_future(asyncio.to_thread(thread.join))
+            while not join.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(join)
     dl.written = w.size
     dl.notify()
     return broke

@@ -278,3 +278,42 @@ def test_ring_buffer_handed_over_after_the_writer_failed_is_still_unmapped() -> 
     assert ring.take() is None
     ring.release()
     assert all(area.closed for area in ring._areas)
+
+
+async def test_cancelled_twice_still_joins_the_threads_first(tmp_path: Path) -> None:
+    """A second cancellation while the pump waits for its threads (shutdown after a client
+    went away, say) must not let it return, and the store writer be closed, under a
+    writing thread that still has stretches to write."""
+    data = os.urandom(DIRECT_BUFFER)
+    store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
+    sender = send(theirs, data, close=False)
+    entered, released = threading.Event(), threading.Event()
+
+    class SlowWriter:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def write_direct(self, buf: memoryview) -> None:
+            entered.set()
+            released.wait(2)  # a slow disk: the write takes a while
+            self.inner.write_direct(buf)  # type: ignore[attr-defined]
+
+    async with store.writer(digest) as w:
+        task = asyncio.create_task(_pump_direct(raw, SlowWriter(w), dl))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)  # now joining the threads
+        task.cancel()
+        await asyncio.sleep(0.05)
+        alive_when_cancelled_twice = [t for t in fetch_threads()]
+        released.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert alive_when_cancelled_twice  # the second cancel came while they ran
+        assert fetch_threads() == []  # and the pump still returned only after joining them
+    sender.join()
+    theirs.close()
+    raw.close()
