@@ -68,6 +68,11 @@ Measurements. Rows named ``10.`` are issue 10's goals, all judged in the same ru
   the 7377 req/s of bench/RESULTS-history.md's full run of 2026-11-23 (``393fb4c``, before
   issue 10's work), and the rows below.
 
+Info rows beside goal 1: the same cold pull over http through ``bench/floor_relay.c``, a C
+relay doing only what a verifying cache must (``cache``: recv, sha256, pwrite, sendfile of
+the spool; ``tee``: the client first, then hash and write), built with gcc when it can be:
+the floor of the goal on this machine (``bench/floor.py`` measures it alone).
+
 The other rows: 1. cold big pull over http, mirrorcache / the peer vs straight from the
 upstream (info: the earlier >= 0.9x goal) and upstream GETs of the blob per scheme; 3. the
 50 cold GETs: zero client errors, wall vs one cold pull (info: the earlier <= 1.3x goal), the
