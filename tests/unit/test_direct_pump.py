@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,20 +120,12 @@ async def test_cancel_waits_for_the_thread_without_blocking_the_loop(tmp_path: P
     entered, released = threading.Event(), threading.Event()
     by_loop: list[bool] = []
 
-    class WaitsOnLoop:
-        def __init__(self, inner: object) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        def write_direct(self, buf: memoryview) -> None:
-            entered.set()
-            by_loop.append(released.wait(2))
-            self.inner.write_direct(buf)  # type: ignore[attr-defined]
+    def waits_on_loop() -> None:
+        entered.set()
+        by_loop.append(released.wait(2))
 
     async with store.writer(digest) as w:
-        task = asyncio.create_task(_pump_direct(raw, WaitsOnLoop(w), dl))  # type: ignore[arg-type]
+        task = asyncio.create_task(_pump_direct(raw, _Hooked(w, waits_on_loop), dl))  # type: ignore[arg-type]
         assert await asyncio.to_thread(entered.wait, 10)
         task.cancel()
         loop.call_soon(released.set)  # runs only if the loop is not blocked by the join
@@ -145,18 +138,19 @@ async def test_cancel_waits_for_the_thread_without_blocking_the_loop(tmp_path: P
     raw.close()
 
 
-class _SlowWrites:
-    """A writer whose every ``write_direct`` first waits ``delay`` seconds."""
+class _Hooked:
+    """A store writer whose every ``write_direct`` first runs ``before`` (which may wait,
+    or raise); everything else is the writer's."""
 
-    def __init__(self, inner: object, delay: float) -> None:
+    def __init__(self, inner: object, before: Callable[[], object]) -> None:
         self.inner = inner
-        self.delay = delay
+        self.before = before
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
     def write_direct(self, buf: memoryview) -> None:
-        time.sleep(self.delay)
+        self.before()
         self.inner.write_direct(buf)  # type: ignore[attr-defined]
 
 
@@ -180,7 +174,7 @@ async def test_loan_ended_mid_stretch_is_told_once_that_stretch_is_written(
         spool = os.open(w.local_path, os.O_RDONLY)
         sink = DirectSink(client, spool, 0, len(data))
         assert dl.lend(sink)
-        task = asyncio.create_task(_pump_direct(raw, _SlowWrites(w, 0.1), dl))  # type: ignore[arg-type]
+        task = asyncio.create_task(_pump_direct(raw, _Hooked(w, lambda: time.sleep(0.1)), dl))  # type: ignore[arg-type]
         deadline = loop.time() + 3
         while dl.written < DIRECT_BUFFER and loop.time() < deadline:
             await asyncio.sleep(0.01)
@@ -206,20 +200,13 @@ async def test_storage_failure_ends_the_pump_while_upstream_is_silent(tmp_path: 
     store, digest, dl, theirs, raw = setup(tmp_path, data, 0)
     sender = send(theirs, data[:DIRECT_BUFFER + 1000], close=False)  # then silence
 
-    class Full:
-        def __init__(self, inner: object) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        def write_direct(self, buf: memoryview) -> None:
-            raise StorageError("disk full")
+    def full() -> None:
+        raise StorageError("disk full")
 
     loop = asyncio.get_running_loop()
     async with store.writer(digest) as w:
         began = loop.time()
-        task = asyncio.create_task(_pump_direct(raw, Full(w), dl))  # type: ignore[arg-type]
+        task = asyncio.create_task(_pump_direct(raw, _Hooked(w, full), dl))  # type: ignore[arg-type]
         done, _ = await asyncio.wait([task], timeout=5)
         if not done:
             task.cancel()
@@ -289,20 +276,12 @@ async def test_cancelled_twice_still_joins_the_threads_first(tmp_path: Path) -> 
     sender = send(theirs, data, close=False)
     entered, released = threading.Event(), threading.Event()
 
-    class SlowWriter:
-        def __init__(self, inner: object) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        def write_direct(self, buf: memoryview) -> None:
-            entered.set()
-            released.wait(2)  # a slow disk: the write takes a while
-            self.inner.write_direct(buf)  # type: ignore[attr-defined]
+    def slow_disk() -> None:  # the write takes a while
+        entered.set()
+        released.wait(2)
 
     async with store.writer(digest) as w:
-        task = asyncio.create_task(_pump_direct(raw, SlowWriter(w), dl))  # type: ignore[arg-type]
+        task = asyncio.create_task(_pump_direct(raw, _Hooked(w, slow_disk), dl))  # type: ignore[arg-type]
         assert await asyncio.to_thread(entered.wait, 10)
         task.cancel()
         await asyncio.sleep(0.05)  # now joining the threads
