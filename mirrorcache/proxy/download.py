@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mirrorcache.blobs")
 
 UPSTREAM_CHUNK = 1 << 20
-#: The fast path's receive buffer: filled from the upstream socket, then hashed and written
-#: to the spool in one go.
+#: The fast path's buffers (RING_BUFFERS of them): each filled from the upstream socket,
+#: then hashed and written to the spool in one go.
 DIRECT_BUFFER = 1 << 20
 #: Buffers a direct download may have received and not yet written: the receiving thread
 #: fills one (and sends it to a lent client) while the writing thread hashes and writes
@@ -410,9 +410,10 @@ async def _pump(body: BlobBody, w: BlobWriter, dl: Download) -> str | None:
 
 async def _pump_direct(raw: RawBody, w: BlobWriter, dl: Download) -> str | None:
     """The fast path of :func:`_pump`: one thread receives the body straight from the
-    upstream socket into a buffer, hashes and writes it (hashlib and the syscalls release
-    the GIL); the event loop only hears "the spool grew" every NOTIFY_BYTES (or
-    NOTIFY_SECONDS), and once more at the end."""
+    upstream socket into a ring of buffers (feeding a lent client, :class:`DirectSink`),
+    another hashes and writes each buffer in order (hashlib and the syscalls release the
+    GIL); the event loop only hears "the spool grew" every NOTIFY_BYTES (or
+    NOTIFY_SECONDS), when a loan ends, and once more at the end."""
     await w.flush()
     assert isinstance(w, DirectWriter)
     loop = asyncio.get_running_loop()
@@ -549,12 +550,14 @@ class _Ring:
                 self._cond.wait()
             return self._free.popleft() if self.error is None else None
 
-    def submit(self, view: memoryview, n: int, flag: bool = False) -> None:
+    def submit(self, view: memoryview, n: int, ended: bool = False) -> None:
+        """Hand ``n`` received bytes to the writing thread (``ended``: a loan ended in
+        them, to be told once they are written)."""
         with self._cond:
             if self.error is not None:  # the writing thread failed: never written
                 self._free.append(view)
             else:
-                self._full.append((view, n, flag))
+                self._full.append((view, n, ended))
             self._cond.notify_all()
 
     def take(self) -> tuple[memoryview, int, bool] | None:
