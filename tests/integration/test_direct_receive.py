@@ -10,8 +10,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,35 +109,30 @@ async def assert_cached(tmp_path: Path, digest: str, size: int) -> None:
     assert list((tmp_path / "cache" / "tmp").glob("*.part")) == []
 
 
+async def push_layer(registry: RegistryProcess, repo: str, size: int) -> Blob:
+    """One raw layer of ``size`` bytes, pushed to the registry as ``repo:v1``."""
+    img = make_image([size], media="oci", raw=True)
+    await push_image(registry.url, repo, img, "v1")
+    return img.layers[0]
+
+
 def slots_in_use(mirror: Mirror) -> int:
     return int(mirror.app[SERVICES].blobs._upstreams["docker.io"].http.in_flight)
 
 
 async def test_plain_http_body_received_off_the_loop_with_tailers(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
-    async with layer_through_mirror(tmp_path, registry, unique_repo, 5_000_000) as (
-            mirror, proxy, layer):
-        with capture_logs() as logs:
-            results = await asyncio.gather(*(pull(mirror, layer.digest, unique_repo)
-                                             for _ in range(5)))
-        assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 5
-        assert committed(logs) == [("direct", layer.size)]
-        assert proxy.count("GET", "blob") == 1
-        assert slots_in_use(mirror) == 0
-        await assert_cached(tmp_path, layer.digest, layer.size)
-
-
-@asynccontextmanager
-async def layer_through_mirror(tmp_path: Path, registry: RegistryProcess, repo: str,
-                               size: int) -> AsyncIterator[tuple[Mirror, CountingProxy, Blob]]:
-    """One raw layer of ``size`` bytes pushed to the registry, and a mirror reaching the
-    registry through a counting proxy."""
-    img = make_image([size], media="oci", raw=True)
-    await push_image(registry.url, repo, img, "v1")
-    async with CountingProxy(registry.url) as proxy:
-        raw = mirror_config(tmp_path, {"docker.io": {"url": proxy.url}})
-        async with Mirror(raw) as mirror:
-            yield mirror, proxy, img.layers[0]
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        hub_and_mirror: tuple[CountingProxy, Mirror]) -> None:
+    proxy, mirror = hub_and_mirror
+    layer = await push_layer(registry, unique_repo, 5_000_000)
+    with capture_logs() as logs:
+        results = await asyncio.gather(*(pull(mirror, layer.digest, unique_repo)
+                                         for _ in range(5)))
+    assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 5
+    assert committed(logs) == [("direct", layer.size)]
+    assert proxy.count("GET", "blob") == 1
+    assert slots_in_use(mirror) == 0
+    await assert_cached(tmp_path, layer.digest, layer.size)
 
 
 def client_first(logs: list[dict[str, Any]]) -> list[int]:
@@ -147,79 +140,82 @@ def client_first(logs: list[dict[str, Any]]) -> list[int]:
 
 
 async def test_first_client_is_fed_from_the_receive_buffer(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        hub_and_mirror: tuple[CountingProxy, Mirror]) -> None:
     """Client first: the caught-up client gets most of the body straight from the receiving
     thread's buffer (before it is hashed and written), never the last byte before the digest
     is checked; its bytes, the cache and the upstream GET count are as without."""
-    async with layer_through_mirror(tmp_path, registry, unique_repo, 24_000_000) as (
-            mirror, proxy, layer):
-        url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
-        with capture_logs() as logs:
-            async with aiohttp.ClientSession() as http:  # one kept-alive connection
-                bodies, ports = [], []
-                for _ in range(2):  # cold, client first; then a hit on the same one
-                    async with http.get(url) as resp:
-                        assert resp.status == 200 and resp.connection is not None
-                        transport = resp.connection.transport
-                        assert transport is not None
-                        ports.append(transport.get_extra_info("sockname")[1])
-                        bodies.append(await resp.read())
-                assert ports[0] == ports[1]  # the connection was given back, reused
-        assert [sha(b) for b in bodies] == [layer.digest] * 2
-        [fed] = client_first(logs)
-        assert layer.size // 2 < fed <= layer.size - 1
-        finished = [e for e in logs if e["event"] == "request.finished"]
-        assert [e["bytes"] for e in finished] == [layer.size] * 2  # counts all
-        assert proxy.count("GET", "blob") == 1
-        await assert_cached(tmp_path, layer.digest, layer.size)
+    proxy, mirror = hub_and_mirror
+    layer = await push_layer(registry, unique_repo, 24_000_000)
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:  # one kept-alive connection
+            bodies, ports = [], []
+            for _ in range(2):  # cold, client first; then a hit on the same one
+                async with http.get(url) as resp:
+                    assert resp.status == 200 and resp.connection is not None
+                    transport = resp.connection.transport
+                    assert transport is not None
+                    ports.append(transport.get_extra_info("sockname")[1])
+                    bodies.append(await resp.read())
+            assert ports[0] == ports[1]  # the connection was given back, reused
+    assert [sha(b) for b in bodies] == [layer.digest] * 2
+    [fed] = client_first(logs)
+    assert layer.size // 2 < fed <= layer.size - 1
+    finished = [e for e in logs if e["event"] == "request.finished"]
+    assert [e["bytes"] for e in finished] == [layer.size] * 2  # counts all
+    assert proxy.count("GET", "blob") == 1
+    await assert_cached(tmp_path, layer.digest, layer.size)
 
 
 async def test_slow_first_client_takes_its_connection_back(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        hub_and_mirror: tuple[CountingProxy, Mirror]) -> None:
     """A client that does not keep up: the receiving thread's send finds its socket full,
     ends the loan at once (it never waits for a client), and the client gets the rest from
     the spool, every byte right; the download is not slowed for the fast client beside it."""
-    async with layer_through_mirror(tmp_path, registry, unique_repo, 24_000_000) as (
-            mirror, proxy, layer):
-        url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    proxy, mirror = hub_and_mirror
+    layer = await push_layer(registry, unique_repo, 24_000_000)
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
 
-        async def slow() -> tuple[int, bytes]:
-            conn = aiohttp.TCPConnector(force_close=True)
-            async with aiohttp.ClientSession(connector=conn,
-                                             read_bufsize=1 << 14) as http, \
-                    http.get(url) as resp:
-                got = bytearray()
-                async for piece in resp.content.iter_chunked(1 << 14):
-                    got += piece
-                    if len(got) < 4_000_000:
-                        await asyncio.sleep(0.002)  # slow at first: the loan ends
-                return resp.status, bytes(got)
+    async def slow() -> tuple[int, bytes]:
+        conn = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=conn,
+                                         read_bufsize=1 << 14) as http, \
+                http.get(url) as resp:
+            got = bytearray()
+            async for piece in resp.content.iter_chunked(1 << 14):
+                got += piece
+                if len(got) < 4_000_000:
+                    await asyncio.sleep(0.002)  # slow at first: the loan ends
+            return resp.status, bytes(got)
 
-        with capture_logs() as logs:
-            results = await asyncio.gather(slow(), pull(mirror, layer.digest, unique_repo))
-        assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 2
-        assert proxy.count("GET", "blob") == 1
-        assert committed(logs) == [("direct", layer.size)]
-        await assert_cached(tmp_path, layer.digest, layer.size)
+    with capture_logs() as logs:
+        results = await asyncio.gather(slow(), pull(mirror, layer.digest, unique_repo))
+    assert [(s, sha(b)) for s, b in results] == [(200, layer.digest)] * 2
+    assert proxy.count("GET", "blob") == 1
+    assert committed(logs) == [("direct", layer.size)]
+    await assert_cached(tmp_path, layer.digest, layer.size)
 
 
 async def test_direct_body_cut_midway_resumes_with_range(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
-    async with layer_through_mirror(tmp_path, registry, unique_repo, 4_000_000) as (
-            mirror, proxy, layer):
-        proxy.add_fault(Fault.drop_after(2_500_000, kind="blob", method="GET"))
-        with capture_logs() as logs:
-            status, body = await pull(mirror, layer.digest, unique_repo)
-        assert status == 200 and body == layer.data
-        gets = proxy.matching(method="GET", kind="blob")
-        assert len(gets) == 2 and "Range" not in gets[0].headers
-        offset = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
-        assert 0 < offset <= 2_500_000
-        assert committed(logs) == [("direct", layer.size)]
-        resumes = [e for e in logs if e["event"] == "blob.resume"]
-        assert [(e["offset"], e["attempt"]) for e in resumes] == [(offset, 1)]
-        assert slots_in_use(mirror) == 0
-        await assert_cached(tmp_path, layer.digest, layer.size)
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        hub_and_mirror: tuple[CountingProxy, Mirror]) -> None:
+    proxy, mirror = hub_and_mirror
+    layer = await push_layer(registry, unique_repo, 4_000_000)
+    proxy.add_fault(Fault.drop_after(2_500_000, kind="blob", method="GET"))
+    with capture_logs() as logs:
+        status, body = await pull(mirror, layer.digest, unique_repo)
+    assert status == 200 and body == layer.data
+    gets = proxy.matching(method="GET", kind="blob")
+    assert len(gets) == 2 and "Range" not in gets[0].headers
+    offset = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < offset <= 2_500_000
+    assert committed(logs) == [("direct", layer.size)]
+    resumes = [e for e in logs if e["event"] == "blob.resume"]
+    assert [(e["offset"], e["attempt"]) for e in resumes] == [(offset, 1)]
+    assert slots_in_use(mirror) == 0
+    await assert_cached(tmp_path, layer.digest, layer.size)
 
 
 async def test_direct_body_gone_silent_resumes_after_read_timeout(tmp_path: Path) -> None:
@@ -437,27 +433,28 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def test_client_first_with_ranges_and_pipelined_requests(
-        tmp_path: Path, registry: RegistryProcess, unique_repo: str) -> None:
+        tmp_path: Path, registry: RegistryProcess, unique_repo: str,
+        hub_and_mirror: tuple[CountingProxy, Mirror]) -> None:
     """Client first under a Range that ends before the blob does and with requests
     pipelined behind it on the same connection: every answer whole and in order, each
     access-log entry counts its own bytes, one upstream GET."""
-    async with layer_through_mirror(tmp_path, registry, unique_repo, 24_000_000) as (
-            mirror, proxy, layer):
-        port = int(mirror.host.rsplit(":", 1)[1])
-        path = f"/v2/{unique_repo}/blobs/{layer.digest}"
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        with capture_logs() as logs:
-            writer.write("".join(
-                f"GET {p} HTTP/1.1\r\nHost: x\r\n{h}\r\n"
-                for p, h in [(path, "Range: bytes=0-9999999\r\n"), (path, ""),
-                             (path, "Range: bytes=5-\r\n"), ("/v2/", "")]).encode())
-            answers = [await read_response(reader) for _ in range(4)]
-        writer.close()
-        assert [s for s, _ in answers] == [206, 200, 206, 200]
-        assert answers[0][1] == layer.data[:10_000_000]
-        assert answers[1][1] == layer.data and answers[2][1] == layer.data[5:]
-        [fed] = client_first(logs)
-        assert fed > 0
-        finished = [e["bytes"] for e in logs if e["event"] == "request.finished"]
-        assert finished[:3] == [10_000_000, layer.size, layer.size - 5]
-        assert proxy.count("GET", "blob") == 1
+    proxy, mirror = hub_and_mirror
+    layer = await push_layer(registry, unique_repo, 24_000_000)
+    port = int(mirror.host.rsplit(":", 1)[1])
+    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    with capture_logs() as logs:
+        writer.write("".join(
+            f"GET {p} HTTP/1.1\r\nHost: x\r\n{h}\r\n"
+            for p, h in [(path, "Range: bytes=0-9999999\r\n"), (path, ""),
+                         (path, "Range: bytes=5-\r\n"), ("/v2/", "")]).encode())
+        answers = [await read_response(reader) for _ in range(4)]
+    writer.close()
+    assert [s for s, _ in answers] == [206, 200, 206, 200]
+    assert answers[0][1] == layer.data[:10_000_000]
+    assert answers[1][1] == layer.data and answers[2][1] == layer.data[5:]
+    [fed] = client_first(logs)
+    assert fed > 0
+    finished = [e["bytes"] for e in logs if e["event"] == "request.finished"]
+    assert finished[:3] == [10_000_000, layer.size, layer.size - 5]
+    assert proxy.count("GET", "blob") == 1
