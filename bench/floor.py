@@ -37,8 +37,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,36 +45,19 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 import run  # noqa: E402
-from coldcpu import fetch  # noqa: E402
+from coldcpu import fetch, measure  # noqa: E402
 
 MiB = 1 << 20
 
 
 def relay_pull(relay: run.FloorRelay, up_blob_url: str, mode: str,
                blob: run.BlobFile) -> dict[str, float]:
+    """One pull through the C relay (coldcpu's measurement; CPU as the relay reports it)."""
     with relay.serving(up_blob_url, mode, blob.hex) as url:
-        t0 = time.monotonic()
-        res = fetch([url])
-        wall = time.monotonic() - t0
-    t = res["transfers"][0]
-    if t["error"] or t["bytes"] != blob.size or t.get("sha256") not in (None, blob.hex):
-        raise RuntimeError(f"relay {mode}: bad transfer {t}")
+        r = measure(lambda: [], [url], blob)
     assert relay.cpu is not None
-    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": relay.cpu * (1 << 30) / blob.size}
-
-
-def server_pull(pids_of: Callable[[], list[int]], url: str,
-                blob: run.BlobFile) -> dict[str, float]:
-    pids = pids_of()
-    c0 = run.cpu_seconds(pids)
-    t0 = time.monotonic()
-    res = fetch([url])
-    wall = time.monotonic() - t0
-    c1 = run.cpu_seconds(pids)
-    t = res["transfers"][0]
-    if t["error"] or t["bytes"] != blob.size or t.get("sha256") not in (None, blob.hex):
-        raise RuntimeError(f"bad transfer from {url}: {t}")
-    return {"mibps": blob.size / MiB / wall, "cpu_per_gib": (c1 - c0) * (1 << 30) / blob.size}
+    r["cpu_per_gib"] = relay.cpu * (1 << 30) / blob.size
+    return r
 
 
 def main() -> int:
@@ -104,7 +85,7 @@ def main() -> int:
         fetch([up.url + path])  # upstream page cache warm for everyone
         n = 0
         for rep in range(a.reps):
-            r = server_pull(lambda: run.registry_pids(up), up.url + path, blob)
+            r = measure(lambda: run.registry_pids(up), [up.url + path], blob)
             results.setdefault("direct", []).append(r)
             n += 1
             d = work / f"peer-{n}"
@@ -113,7 +94,7 @@ def main() -> int:
                 proxy_remote_url=up.url, workdir=d, log_level="warn",
                 extra_config={"log": {"accesslog": {"disabled": True}}}).start()
             try:
-                r = server_pull(lambda p=peer: run.registry_pids(p), peer.url + path, blob)
+                r = measure(lambda p=peer: run.registry_pids(p), [peer.url + path], blob)
             finally:
                 peer.close()
             results.setdefault("peer", []).append(r)
@@ -122,7 +103,7 @@ def main() -> int:
                 results.setdefault(f"floor relay ({mode})", []).append(r)
             m = run.Mirror(work, up.url, 1, n).start()
             try:
-                r = server_pull(m.tree, m.url + path, blob)
+                r = measure(m.tree, [m.url + path], blob)
             finally:
                 m.stop()
             results.setdefault("mirrorcache", []).append(r)
